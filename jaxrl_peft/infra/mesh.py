@@ -1,0 +1,71 @@
+"""Device mesh from config and the one table from logical axis names to mesh axes.
+
+Models only name logical axes (`embed`, `mlp`, `heads`, ...); this file decides where they go.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes). Parameters are sharded over `fsdp` along `embed` and over
+# `tensor` along the wide dimension; activations' batch over `data` and `fsdp`.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("rank", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {shape}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known} ({shape})")
+        shape[shape.index(-1)] = len(devices) // known
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(shape))} but there are "
+                         f"{len(devices)} devices ({dict(zip(MESH_AXES, shape))})")
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
+                axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_sharding(logical_specs: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """Maps a tree of logical PartitionSpecs (or axis-name tuples) to NamedShardings."""
+    def one(spec):
+        spec = spec if isinstance(spec, P) else P(*spec)
+        return nn.logical_to_mesh_sharding(spec, mesh, rules)
+    return jax.tree.map(one, logical_specs, is_leaf=lambda x: isinstance(x, (P, tuple)))
+
+
+def param_shardings(boxed_abstract: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """NamedShardings for a (possibly abstract) tree of `nn.LogicallyPartitioned` params."""
+    return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_abstract), mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Shards the leading (batch) axis over data and fsdp, replicates the rest."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
