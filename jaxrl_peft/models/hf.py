@@ -1,0 +1,417 @@
+"""Hugging Face checkpoints <-> parameter trees, and the tokenizer with its chat template.
+
+Weights are read tensor by tensor from memory-mapped safetensors files (single or sharded) and placed
+on the devices with their sharding, so no full host copy of a large model is ever made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrl_peft.infra import mesh as mesh_lib
+from jaxrl_peft.models import transformer as tfm
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_ARCHS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+_TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk does not match what the model expects."""
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, read lazily through a memory map
+
+class SafetensorsFile:
+    """Random access to the tensors of one .safetensors file without reading the whole file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
+        self.metadata = header.pop("__metadata__", {}) or {}
+        self.header = header
+        self._offset = 8 + n
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a read-only numpy view into the mapped file."""
+        info = self.header[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        raw = self._mmap[self._offset + start:self._offset + end]
+        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Writes numpy arrays (bf16 via ml_dtypes included) as one .safetensors file."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    arrays = []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+    os.replace(tmp, path)
+
+
+class TensorIndex:
+    """Every tensor of a checkpoint directory, single-file or sharded (model.safetensors.index.json)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        self._files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, str] = {}
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from e
+            for name, fname in weight_map.items():
+                if not (self.dir / fname).exists():
+                    raise CheckpointError(f"{index} maps tensor {name!r} to {fname}, which does not exist")
+                self.where[name] = fname
+        elif single.exists():
+            f = self._file(single.name)
+            self.where = {k: single.name for k in f.keys()}
+        else:
+            raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
+
+    def _file(self, fname: str) -> SafetensorsFile:
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(self.dir / fname)
+        return self._files[fname]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> np.ndarray:
+        f = self._file(self.where[name])
+        if name not in f.header:
+            raise CheckpointError(f"{f.path}: tensor {name!r} is listed in the index but not in the file")
+        return f.get(name)
+
+    def file_of(self, name: str) -> str:
+        return str(self.dir / self.where[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> TransformerConfig
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tfm.TransformerConfig:
+    """Reads an HF config dict (Qwen2ForCausalLM / LlamaForCausalLM)."""
+    archs = hf.get("architectures") or []
+    arch = next((_ARCHS[a] for a in archs if a in _ARCHS), None) or _ARCHS.get(
+        {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(hf.get("model_type", ""), ""))
+    if arch is None:
+        raise CheckpointError(f"{source}: unsupported architecture {archs or hf.get('model_type')!r}; "
+                              f"expected one of {sorted(_ARCHS)}")
+    try:
+        heads = hf["num_attention_heads"]
+        scaling = hf.get("rope_scaling") or (hf.get("rope_parameters") or {})
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        rope_scaling = None
+        if rope_type == "llama3":
+            rope_scaling = (float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                            float(scaling["high_freq_factor"]), int(scaling["original_max_position_embeddings"]))
+        elif rope_type not in (None, "default"):
+            raise CheckpointError(f"{source}: rope_scaling type {rope_type!r} is not supported")
+        theta = hf.get("rope_theta", scaling.get("rope_theta", 10_000.0))
+        eos = hf.get("eos_token_id")
+        return tfm.TransformerConfig(
+            arch=arch, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=hf.get("num_key_value_heads", heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=float(theta),
+            rope_scaling=rope_scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            qkv_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 131_072),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing field {e.args[0]!r}") from e
+
+
+def config_to_hf(cfg: tfm.TransformerConfig, dtype: str = "float32") -> dict[str, Any]:
+    """The config.json transformers expects for this model."""
+    hf: dict[str, Any] = {
+        "architectures": ["Qwen2ForCausalLM" if cfg.arch == "qwen2" else "LlamaForCausalLM"],
+        "model_type": cfg.arch, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
+        "hidden_act": "silu", "torch_dtype": _TORCH_DTYPE.get(dtype, "float32"),
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "attention_dropout": 0.0, "use_cache": True,
+    }
+    if cfg.arch == "llama":
+        hf["attention_bias"] = cfg.qkv_bias
+        hf["mlp_bias"] = False
+    if cfg.rope_scaling is not None:
+        f, lo, hi, old = cfg.rope_scaling
+        hf["rope_scaling"] = {"rope_type": "llama3", "factor": f, "low_freq_factor": lo,
+                              "high_freq_factor": hi, "original_max_position_embeddings": old}
+    if cfg.arch == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_layers)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter paths <-> HF tensor names
+
+def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """(HF tensor name, transpose?) for a parameter path such as ('layers_0','mlp','up_proj','kernel')."""
+    *mods, leaf = path
+    parts = []
+    for m in mods:
+        match = re.fullmatch(r"layers_(\d+)", m)
+        parts.extend(["layers", match.group(1)] if match else [m])
+    prefix = "" if mods and mods[0] == "lm_head" else "model."
+    leaf_name = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+    return prefix + ".".join(parts + [leaf_name]), leaf == "kernel"
+
+
+def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    return [(tuple(k.key for k in kp), v) for kp, v in flat]
+
+
+def _unflatten(items: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
+    out: dict = {}
+    for path, value in items:
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return out
+
+
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
+         compute_dtype: Any = None, rules=mesh_lib.LOGICAL_RULES) -> tuple[tfm.Transformer, dict]:
+    """Loads an HF checkpoint directory: returns (model, params).
+
+    Each tensor is read from the mapped file, cast to `dtype` and placed with its sharding on `mesh`
+    (default: the first device), one device slice at a time.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        hf_cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    dtype = jnp.dtype(dtype)
+    cfg = config_from_hf(hf_cfg, str(cfg_file)).replace(
+        param_dtype=dtype.name, dtype=jnp.dtype(compute_dtype or dtype).name)
+    index = TensorIndex(path)
+    abstract = tfm.abstract_params(cfg)
+    if mesh is None:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                                 nn.unbox(abstract))
+    else:
+        shardings = mesh_lib.param_shardings(abstract, mesh, rules)
+    flat_shard = dict(_paths(shardings))
+    used, items = set(), []
+    for p, leaf in _paths(abstract):
+        name, transpose = hf_name(p)
+        if p == ("lm_head", "kernel") and cfg.tie_embeddings:
+            continue
+        if name not in index:
+            raise CheckpointError(f"{path}: checkpoint is missing tensor {name!r} "
+                                  f"(expected shape {tuple(reversed(leaf.value.shape)) if transpose else leaf.value.shape})")
+        raw = index.get(name)
+        want = tuple(reversed(leaf.value.shape)) if transpose else tuple(leaf.value.shape)
+        if tuple(raw.shape) != want:
+            raise CheckpointError(f"{index.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
+                                  f"expected {want} from {cfg_file.name}")
+        used.add(name)
+        items.append((p, _place(raw, transpose, dtype, flat_shard[p])))
+    unexpected = [n for n in index.where if n not in used and not _IGNORED.match(n)
+                  and not (cfg.tie_embeddings and n == "lm_head.weight")]
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}"
+                              f"{' ...' if len(unexpected) > 5 else ''} for a {cfg.arch} model")
+    return tfm.Transformer(cfg), _unflatten(items)
+
+
+def _place(raw: np.ndarray, transpose: bool, dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Puts one tensor on its devices, converting only the slice each device holds."""
+    shape = tuple(reversed(raw.shape)) if transpose else raw.shape
+    src = raw.T if transpose else raw
+
+    def fetch(index):
+        return np.asarray(src[index], dtype=dtype)
+    return jax.make_array_from_callback(shape, sharding, fetch)
+
+
+def save(path: str | os.PathLike, model: tfm.Transformer, params: dict, dtype: Any = None,
+         max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for p, leaf in _paths(nn.unbox(params)):
+        name, transpose = hf_name(p)
+        arr = np.asarray(jax.device_get(leaf)).astype(out_dtype)
+        arr = arr.T if transpose else arr
+        if size and size + arr.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = arr
+        size += arr.nbytes
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, out_dtype.name), indent=2))
+    if len(shards) == 1:
+        save_safetensors(path / "model.safetensors", shards[0])
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(path / fname, shard)
+        for name, arr in shard.items():
+            weight_map[name] = fname
+            total += arr.nbytes
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer + chat template
+
+class Tokenizer:
+    """tokenizer.json (the `tokenizers` library) plus the chat template of tokenizer_config.json."""
+
+    def __init__(self, path: str | os.PathLike):
+        from tokenizers import Tokenizer as _Tok
+        path = Path(path)
+        tok_file = path / "tokenizer.json" if path.is_dir() else path
+        if not tok_file.exists():
+            raise CheckpointError(f"{tok_file}: missing tokenizer.json")
+        self._tok = _Tok.from_file(str(tok_file))
+        conf_file = tok_file.parent / "tokenizer_config.json"
+        self.config: dict[str, Any] = json.loads(conf_file.read_text()) if conf_file.exists() else {}
+        self.chat_template: str | None = self.config.get("chat_template")
+        if isinstance(self.chat_template, list):  # named templates: take 'default'
+            self.chat_template = {t["name"]: t["template"] for t in self.chat_template}.get("default")
+        self.bos_token = _token_str(self.config.get("bos_token"))
+        self.eos_token = _token_str(self.config.get("eos_token"))
+        self.pad_token = _token_str(self.config.get("pad_token")) or self.eos_token
+        self._template = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self._tok.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.token_to_id(self.pad_token)
+        return 0 if pid is None else pid
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **kwargs: Any) -> str | list[int]:
+        """Renders `messages` exactly as transformers' `apply_chat_template` does."""
+        if self.chat_template is None:
+            raise ValueError("tokenizer_config.json has no chat_template")
+        if self._template is None:
+            self._template = _jinja_env().from_string(self.chat_template)
+        special = {k: _token_str(v) for k, v in self.config.items()
+                   if k.endswith("_token") and _token_str(v) is not None}
+        text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **{**special, **kwargs})
+        return self.encode(text) if tokenize else text
+
+
+def _token_str(tok: Any) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def _jinja_env():
+    """The sandboxed jinja2 environment transformers renders chat templates with."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+R1_DISTILL_CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "r1_distill.jinja").read_text()
+

@@ -1,0 +1,284 @@
+"""The DeepSeek-R1-Distill decoder: Qwen2 (q/k/v bias, GQA) and Llama (Llama-3 RoPE scaling) variants.
+
+Flax linen; parameters are plain nested dicts named like the Hugging Face modules
+(`layers_3/self_attn/q_proj/kernel`), so PEFT target patterns read the same as in HF PEFT.
+Every projection goes through the shared `Linear`; parameters carry logical axis names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_peft.models.layers import Linear, RMSNorm
+from jaxrl_peft.peft.base import PeftMethod
+
+Array = jax.Array
+# One layer's KV cache: {'k': [B, S, K, Dh], 'v': [B, S, K, Dh]}.
+LayerCache = dict[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shapes and numerics of a decoder; field names follow HF config.json where they exist."""
+
+    arch: str  # 'qwen2' | 'llama'
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10_000.0
+    # Llama-3 scaling as (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings).
+    rope_scaling: tuple[float, float, float, int] | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 131_072
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: bool = False  # recompute each block in the backward pass (training memory)
+
+    def replace(self, **kw: Any) -> "TransformerConfig":
+        return dataclasses.replace(self, **kw)
+
+    @property
+    def num_params(self) -> int:
+        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if self.qkv_bias else 0)
+        block = attn + 3 * d * f + 2 * d
+        return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * block + d
+
+
+def _qwen2(**kw: Any) -> TransformerConfig:
+    return TransformerConfig(arch="qwen2", qkv_bias=True, bos_token_id=151643, eos_token_id=151643,
+                             head_dim=128, **kw)
+
+
+def _llama(**kw: Any) -> TransformerConfig:
+    return TransformerConfig(arch="llama", rope_theta=500_000.0, rope_scaling=(8.0, 1.0, 4.0, 8192),
+                             rms_norm_eps=1e-5, bos_token_id=128000, eos_token_id=128001,
+                             head_dim=128, vocab_size=128256, **kw)
+
+
+# The public shapes of every DeepSeek-R1-Distill checkpoint, plus a tiny one for tests and CPU runs.
+PRESETS: dict[str, TransformerConfig] = {
+    "r1-distill-qwen-1.5b": _qwen2(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                   num_layers=28, num_heads=12, num_kv_heads=2),
+    "r1-distill-qwen-7b": _qwen2(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                                 num_layers=28, num_heads=28, num_kv_heads=4),
+    "r1-distill-qwen-14b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=13824,
+                                  num_layers=48, num_heads=40, num_kv_heads=8, rope_theta=1e6,
+                                  rms_norm_eps=1e-5),
+    "r1-distill-qwen-32b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                                  num_layers=64, num_heads=40, num_kv_heads=8, rope_theta=1e6,
+                                  rms_norm_eps=1e-5),
+    "r1-distill-llama-8b": _llama(hidden_size=4096, intermediate_size=14336, num_layers=32,
+                                  num_heads=32, num_kv_heads=8),
+    "r1-distill-llama-70b": _llama(hidden_size=8192, intermediate_size=28672, num_layers=80,
+                                   num_heads=64, num_kv_heads=8),
+    "tiny": TransformerConfig(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True,
+                              max_position_embeddings=4096),
+}
+
+
+def preset(name: str, **overrides: Any) -> TransformerConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+def rope_inv_freq(cfg: TransformerConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] as HF computes them (fp32), with Llama-3 scaling if set."""
+    dim = cfg.head_dim
+    inv = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    if cfg.rope_scaling is None:
+        return inv.astype(np.float32)
+    factor, low, high, old_ctx = cfg.rope_scaling
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+    """Rotary embedding, HF 'rotate_half' layout. x: [B, T, N, Dh], positions: [B, T]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    cos = jnp.cos(freqs)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(freqs)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nn.Module):
+    cfg: TransformerConfig
+    peft: PeftMethod | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array,
+                 cache: LayerCache | None, cache_index: Array | None) -> tuple[Array, LayerCache | None]:
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        lin = dict(dtype=dt, param_dtype=pdt, peft=self.peft)
+        b, t, _ = x.shape
+        q = Linear(cfg.num_heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, name="q_proj", **lin)(x)
+        k = Linear(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, name="k_proj", **lin)(x)
+        v = Linear(cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), cfg.qkv_bias, name="v_proj", **lin)(x)
+        q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)  # [B, T, N, Dh]
+        k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)  # [B, T, K, Dh]
+        v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        inv_freq = rope_inv_freq(cfg)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
+                     "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
+            k, v = cache["k"].astype(dt), cache["v"].astype(dt)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(cfg.head_dim))
+        y = y.reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return Linear(cfg.hidden_size, ("heads", "embed"), name="o_proj", **lin)(y), cache
+
+
+class MLP(nn.Module):
+    cfg: TransformerConfig
+    peft: PeftMethod | None = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        lin = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft)
+        gate = Linear(cfg.intermediate_size, ("embed", "mlp"), name="gate_proj", **lin)(x)
+        up = Linear(cfg.intermediate_size, ("embed", "mlp"), name="up_proj", **lin)(x)
+        return Linear(cfg.hidden_size, ("mlp", "embed"), name="down_proj", **lin)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    cfg: TransformerConfig
+    peft: PeftMethod | None = None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, mask: Array,
+                 cache: LayerCache | None, cache_index: Array | None) -> tuple[Array, LayerCache | None]:
+        cfg = self.cfg
+        norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                    peft=self.peft)
+        h, cache = Attention(cfg, self.peft, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), positions, mask, cache, cache_index)
+        x = x + h
+        x = x + MLP(cfg, self.peft, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
+        return x, cache
+
+
+def make_mask(q_positions: Array, kv_positions: Array, kv_valid: Array,
+                   q_segments: Array | None = None, kv_segments: Array | None = None) -> Array:
+    """Boolean mask [B, 1, T, S]: causal by slot index, valid keys only, same segment only.
+
+    q_positions: [T] slot of each query in the key sequence; kv_positions: [S]; kv_valid: [B, S].
+    """
+    mask = (kv_positions[None, :] <= q_positions[:, None])[None, None]  # [1, 1, T, S]
+    mask = mask & kv_valid[:, None, None, :]
+    if q_segments is not None:
+        mask = mask & (q_segments[:, None, :, None] == kv_segments[:, None, None, :])
+    return mask
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `apply({'params': p[, 'adapter': a]}, tokens, ...) -> logits [B, T, V]`.
+
+    Without a cache: full causal forward over `tokens` [B, T] (left padding via `attention_mask`
+    [B, T], packed sequences via `segment_ids` [B, T]); returns logits.
+    With `cache` (a list with one LayerCache per layer, from `init_cache`): writes this call's keys and
+    values at slot `cache_index` and attends over the whole cache, masked by `kv_mask` [B, S];
+    returns (logits, new_cache). Used for prefill and for decoding one token at a time.
+    """
+
+    cfg: TransformerConfig
+    peft: PeftMethod | None = None
+
+    @nn.compact
+    def __call__(self, tokens: Array, positions: Array | None = None, attention_mask: Array | None = None,
+                 segment_ids: Array | None = None, cache: list[LayerCache] | None = None,
+                 cache_index: Array | int | None = None, kv_mask: Array | None = None,
+                 return_hidden: bool = False):
+        cfg = self.cfg
+        b, t = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.bool_)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        if cache is None:
+            slots = jnp.arange(t)
+            mask = make_mask(slots, slots, attention_mask, segment_ids, segment_ids)
+        else:
+            if kv_mask is None or cache_index is None:
+                raise ValueError("decoding with a cache needs cache_index and kv_mask [batch, cache_size]")
+            s = cache[0]["k"].shape[1]
+            mask = make_mask(cache_index + jnp.arange(t), jnp.arange(s), kv_mask.astype(jnp.bool_))
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype),
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                     ("vocab", "embed")),
+                         name="embed_tokens")
+        x = embed(tokens)
+        layer_cls = nn.remat(DecoderLayer, static_argnums=()) if cfg.remat else DecoderLayer
+        new_cache = [] if cache is not None else None
+        for i in range(cfg.num_layers):
+            x, layer_cache = layer_cls(cfg, self.peft, name=f"layers_{i}")(
+                x, positions, mask, None if cache is None else cache[i], cache_index)
+            if cache is not None:
+                new_cache.append(layer_cache)
+        x = RMSNorm(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                    peft=self.peft, name="norm")(x)
+        if return_hidden:
+            out = x
+        elif cfg.tie_embeddings:
+            out = embed.attend(x)
+        else:
+            out = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                         param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft, name="lm_head")(x)
+        return out if cache is None else (out, new_cache)
+
+
+def init_cache(cfg: TransformerConfig, batch: int, size: int, dtype: Any = None) -> list[LayerCache]:
+    """Zeroed KV cache with `size` slots per row, one entry per layer."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+def abstract_params(cfg: TransformerConfig) -> Any:
+    """The boxed (logically partitioned) parameter shapes, without allocating anything."""
+    model = Transformer(cfg)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def init_params(cfg: TransformerConfig, key: Array) -> Any:
+    """Random parameters (HF init: normal(0.02) weights, zero biases, unit norms), unboxed."""
+    model = Transformer(cfg)
+    return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def shard_params(params: Any, cfg: TransformerConfig, mesh: jax.sharding.Mesh, rules: Any = None) -> Any:
+    """Places an (unboxed) parameter tree on `mesh` following the model's logical axes."""
+    from jaxrl_peft.infra import mesh as mesh_lib
+    shardings = mesh_lib.param_shardings(abstract_params(cfg), mesh, rules or mesh_lib.LOGICAL_RULES)
+    return jax.tree.map(jax.device_put, params, shardings)
