@@ -1,0 +1,47 @@
+"""Speed benchmarks: `python launch/bench.py {rollout,wkv7,reward} [--flags]`.
+
+  rollout: python launch/bench.py rollout --model=r1-distill-qwen-1.5b --batch=256 --prompt_len=256 --new_tokens=512
+  wkv7:    python launch/bench.py wkv7 --B=8 --T=4096 --H=32 --K=64
+  reward:  python launch/bench.py reward
+"""
+
+import argparse
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    r = sub.add_parser("rollout", help="sampler generated tokens/s on random weights")
+    r.add_argument("--model", default="r1-distill-qwen-1.5b")
+    r.add_argument("--batch", type=int, default=256)
+    r.add_argument("--prompt_len", type=int, default=256)
+    r.add_argument("--new_tokens", type=int, default=512)
+    r.add_argument("--dtype", default="bfloat16")
+    r.add_argument("--iters", type=int, default=2)
+    r.add_argument("--temperature", type=float, default=1.0)
+    r.add_argument("--top_p", type=float, default=1.0)
+    r.add_argument("--top_k", type=int, default=0)
+    w = sub.add_parser("wkv7", help="WKV7 kernel forward and forward+backward ms")
+    for name, default in (("B", 8), ("T", 4096), ("H", 32), ("K", 64)):
+        w.add_argument(f"--{name}", type=int, default=default)
+    w.add_argument("--dtype", default="bfloat16")
+    w.add_argument("--impl", default=None)
+    rw = sub.add_parser("reward", help="math verifications/s")
+    rw.add_argument("--n", type=int, default=2000)
+    rw.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    if args.what == "rollout":
+        from jaxrl_peft.infra import bench
+        bench.rollout(args.model, args.batch, args.prompt_len, args.new_tokens, args.dtype, args.iters,
+                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    elif args.what == "wkv7":
+        from rwkv_jax.kernels.wkv7 import benchmark
+        benchmark.run(args.B, args.T, args.H, args.K, dtype=args.dtype, impl=args.impl)
+    elif args.what == "reward":
+        from jaxrl_peft.rewards import benchmark
+        benchmark.run(n=args.n, workers=args.workers)
+
+
+if __name__ == "__main__":
+    main()
