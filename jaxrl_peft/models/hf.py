@@ -397,6 +397,7 @@ def _token_str(tok: Any) -> str | None:
 def _jinja_env():
     """The sandboxed jinja2 environment transformers renders chat templates with."""
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):

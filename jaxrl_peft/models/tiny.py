@@ -38,3 +38,21 @@ def build_r1_tokenizer(path: str | os.PathLike, texts: Iterable[str], vocab_size
     }
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return path
+
+
+def make_tiny_checkpoint(path: str | os.PathLike, texts: Iterable[str], seed: int = 0,
+                         vocab_size: int = 512, **overrides) -> Path:
+    """A complete tiny R1-style HF checkpoint (config.json, model.safetensors, tokenizer files).
+
+    Weights are random; `overrides` change the `tiny` preset's shape.
+    """
+    import jax
+
+    from jaxrl_peft.models import hf, transformer as tfm
+
+    path = build_r1_tokenizer(path, texts, vocab_size)
+    tok = hf.Tokenizer(path)
+    cfg = tfm.preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                     **overrides)
+    hf.save(path, tfm.Transformer(cfg), tfm.init_params(cfg, jax.random.key(seed)))
+    return path
