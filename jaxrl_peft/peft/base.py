@@ -76,9 +76,46 @@ class PeftMethod:
         del kernel_axes
         return jax.tree.map(lambda a: (None,) * jnp.ndim(a), adapter)
 
+    def init_norm(self, key: Array, scale: Array, *, path: tuple[str, ...] = ()) -> Adapter:
+        """Adapter of a norm layer (methods with 'norm' in `kinds`)."""
+        del key, scale, path
+        return {}
+
     def param_labels(self, adapter: Adapter) -> Any:
-        """Optimizer group label per adapter leaf, for optax.multi_transform."""
+        """Optimizer group label per adapter leaf, for optax.multi_transform.
+
+        'default' trains at the base learning rate, 'frozen' is kept fixed (no optimizer state);
+        methods may add groups (e.g. LoRA+'s 'lora_b') that the optimizer builder knows.
+        """
         return jax.tree.map(lambda _: "default", adapter)
+
+    def regularizer(self, adapter_tree: Any) -> Array:
+        """A term added to the training loss over the whole adapter tree (AdaLoRA's orthogonality)."""
+        del adapter_tree
+        return jnp.zeros((), jnp.float32)
+
+    def init_state(self, adapter_tree: Any) -> Any:
+        """State of the per-step hook (e.g. AdaLoRA importance EMAs); None when there is no hook."""
+        del adapter_tree
+        return None
+
+    def hf_config(self) -> dict | None:
+        """This method's HF PEFT `adapter_config.json` fields, or None when HF PEFT has no format for it."""
+        return None
+
+    def hf_tensors(self, adapter: Adapter) -> dict[str, Any]:
+        """One module's adapter as HF PEFT tensors, keyed by the suffix after the module name
+        (e.g. {'lora_A.weight': A[r, in]}); torch layout."""
+        raise NotImplementedError(f"{self.name}: no Hugging Face PEFT export")
+
+    def from_hf_tensors(self, tensors: dict[str, Any], kernel: Array) -> Adapter:
+        """Inverse of `hf_tensors` for one module (kernel: that module's base kernel [in, out])."""
+        raise NotImplementedError(f"{self.name}: no Hugging Face PEFT import")
+
+    def on_step(self, step: Array, grads: Any, adapter_tree: Any, state: Any) -> tuple[Any, Any]:
+        """Runs after each optimizer update: returns (adapter_tree, state). AdaLoRA prunes rank here."""
+        del step, grads
+        return adapter_tree, state
 
 
 IDENTITY = PeftMethod(target_modules=())
