@@ -1,0 +1,86 @@
+"""GRPO/DAPO on DeepSeek-R1-Distill with a PEFT method: the study's settings (arg '') or the embedded
+default (arg 'tiny', a small model from assets/ that runs on CPU in minutes).
+
+  python launch/train.py --config=configs/grpo_dora.py --workdir=runs/dora
+  python launch/train.py --config=configs/grpo_dora.py:tiny
+  python launch/train.py --config=configs/grpo_lora.py --dry_run
+
+Per-method files (configs/grpo_<method>.py) import this one and set only the `peft` block.
+"""
+
+import ml_collections
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    if arg not in ("", "tiny"):
+        raise ValueError(f"config argument must be '' (the paper's setting) or 'tiny', got {arg!r}")
+    tiny = arg == "tiny"
+    c = ml_collections.ConfigDict()
+    c.seed = 42
+
+    # A local HF directory (config.json + safetensors + tokenizer) or a hub id the user has downloaded.
+    c.model = ml_collections.ConfigDict(dict(
+        checkpoint="assets/tiny-r1" if tiny else "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        preset="tiny" if tiny else "r1-distill-qwen-1.5b",  # shapes for --dry_run without weights
+        dtype="float32" if tiny else "bfloat16",  # compute dtype
+        param_dtype="float32" if tiny else "bfloat16",  # frozen base weights
+        remat=not tiny,  # gradient checkpointing (the study: on)
+    ))
+
+    # The PEFT method: `name` and its hyperparameters (`hparams`), set by configs/grpo_<method>.py.
+    c.peft = ml_collections.ConfigDict(dict(
+        name="lora",
+        hparams=ml_collections.ConfigDict(dict(r=32, alpha=64, target_modules=ALL_LINEAR)),
+    ))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+    c.rl = ml_collections.ConfigDict(dict(
+        loss="dapo",  # 'grpo' (sequence mean) | 'dapo' (token mean over the batch) | 'dr_grpo'
+        group_size=8,
+        prompts_per_step=16,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        kl_coef=0.0,  # no reference model, no KL (the study)
+        kl_estimator="k3",
+        scale_rewards=True,  # divide advantages by the group std (+1e-4)
+        dynamic_sampling=False,  # DAPO filter of all-equal groups (the study: off)
+        overlong_buffer=0,  # soft overlong penalty window in tokens (0: off)
+        overlong_penalty=1.0,
+        tis_cap=2.0,  # truncated importance weight sampler->learner (0: off)
+        updates_per_batch=1,
+        micro_batch_size=8,  # sequences per forward/backward pass of the update (gradient accumulation)
+        max_prompt_tokens=512,
+        max_new_tokens=256 if tiny else 16384,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=1e-5,
+        schedule="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        grad_clip=1.0,
+        loraplus_ratio=2.0,  # LoRA+ only: lr of the B group = ratio x lr (the study: 2.0)
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        train="synthetic" if tiny else "data/dapo-math-17k.parquet",  # user-supplied file
+        problem_field="prompt",
+        answer_field="solution",
+        template="dapo",  # 'dapo' ("Answer:" instruction) or 'boxed'
+        shuffle=True,
+    ))
+
+    c.steps = 1024
+    c.eval_every = 64
+    c.checkpoint_every = 64
+    c.log_every = 1
+    return c

@@ -1,0 +1,16 @@
+"""MiSS r=64 (shard sharing) on all seven projections.
+
+  python launch/train.py --config=configs/grpo_miss.py --workdir=runs/miss
+  python launch/train.py --config=configs/grpo_miss.py:tiny     # embedded default, CPU, minutes
+"""
+
+import ml_collections
+
+from configs.base_grpo import ALL_LINEAR, get_config as base_config  # noqa: F401
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    c = base_config(arg)
+    c.peft.name = 'miss'
+    c.peft.hparams = ml_collections.ConfigDict(dict(r=64, target_modules=ALL_LINEAR))
+    return c
