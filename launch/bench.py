@@ -1,6 +1,7 @@
-"""Speed benchmarks: `python launch/bench.py {rollout,wkv7,reward} [--flags]`.
+"""Speed benchmarks: `python launch/bench.py {rollout,train,wkv7,reward} [--flags]`.
 
   rollout: python launch/bench.py rollout --model=r1-distill-qwen-1.5b --batch=256 --prompt_len=256 --new_tokens=512
+  train:   python launch/bench.py train --method=dora --batch=4 --seq=2048 --r=32
   wkv7:    python launch/bench.py wkv7 --B=8 --T=4096 --H=32 --K=64
   reward:  python launch/bench.py reward
 """
@@ -21,6 +22,16 @@ def main(argv=None) -> None:
     r.add_argument("--temperature", type=float, default=1.0)
     r.add_argument("--top_p", type=float, default=1.0)
     r.add_argument("--top_k", type=int, default=0)
+    t = sub.add_parser("train", help="PEFT training-step tokens/s and peak memory")
+    t.add_argument("--method", default="lora")
+    t.add_argument("--model", default="r1-distill-qwen-1.5b")
+    t.add_argument("--batch", type=int, default=4)
+    t.add_argument("--seq", type=int, default=2048)
+    t.add_argument("--r", type=int, default=32)
+    t.add_argument("--alpha", type=float, default=64)
+    t.add_argument("--dtype", default="bfloat16")
+    t.add_argument("--remat", type=int, default=1)
+    t.add_argument("--iters", type=int, default=5)
     w = sub.add_parser("wkv7", help="WKV7 kernel forward and forward+backward ms")
     for name, default in (("B", 8), ("T", 4096), ("H", 32), ("K", 64)):
         w.add_argument(f"--{name}", type=int, default=default)
@@ -35,6 +46,10 @@ def main(argv=None) -> None:
         from jaxrl_peft.infra import bench
         bench.rollout(args.model, args.batch, args.prompt_len, args.new_tokens, args.dtype, args.iters,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    elif args.what == "train":
+        from jaxrl_peft.infra import bench
+        bench.train(args.method, args.model, args.batch, args.seq, args.r, args.alpha, args.dtype,
+                    bool(args.remat), args.iters)
     elif args.what == "wkv7":
         from rwkv_jax.kernels.wkv7 import benchmark
         benchmark.run(args.B, args.T, args.H, args.K, dtype=args.dtype, impl=args.impl)

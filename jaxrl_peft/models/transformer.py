@@ -149,7 +149,9 @@ class Attention(nn.Module):
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
             k, v = cache["k"].astype(dt), cache["v"].astype(dt)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(cfg.head_dim))
+        # mask None: plain causal attention, which lets XLA pick a fused kernel (cuDNN flash on GPU).
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                         scale=1.0 / math.sqrt(cfg.head_dim))
         y = y.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return Linear(cfg.hidden_size, ("heads", "embed"), name="o_proj", **lin)(y), cache
 
@@ -201,7 +203,8 @@ class Transformer(nn.Module):
     """Decoder-only LM. `apply({'params': p[, 'adapter': a]}, tokens, ...) -> logits [B, T, V]`.
 
     Without a cache: full causal forward over `tokens` [B, T] (left padding via `attention_mask`
-    [B, T], packed sequences via `segment_ids` [B, T]); returns logits.
+    [B, T], packed sequences via `segment_ids` [B, T]); returns logits. With neither, attention is plain
+    causal (right padding needs no mask: no real token attends to a later pad).
     With `cache` (a list with one LayerCache per layer, from `init_cache`): writes this call's keys and
     values at slot `cache_index` and attends over the whole cache, masked by `kv_mask` [B, S];
     returns (logits, new_cache). Used for prefill and for decoding one token at a time.
@@ -217,12 +220,15 @@ class Transformer(nn.Module):
                  return_hidden: bool = False):
         cfg = self.cfg
         b, t = tokens.shape
+        plain_causal = cache is None and attention_mask is None and segment_ids is None
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
         attention_mask = attention_mask.astype(jnp.bool_)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-        if cache is None:
+        if plain_causal:
+            mask = None
+        elif cache is None:
             slots = jnp.arange(t)
             mask = make_mask(slots, slots, attention_mask, segment_ids, segment_ids)
         else:
@@ -282,3 +288,46 @@ def shard_params(params: Any, cfg: TransformerConfig, mesh: jax.sharding.Mesh, r
     from jaxrl_peft.infra import mesh as mesh_lib
     shardings = mesh_lib.param_shardings(abstract_params(cfg), mesh, rules or mesh_lib.LOGICAL_RULES)
     return jax.tree.map(jax.device_put, params, shardings)
+
+
+def head_logits(cfg: TransformerConfig, peft: PeftMethod | None, variables: dict, hidden: Array) -> Array:
+    """The output projection alone: logits [..., V] from final hidden states [..., D]."""
+    params = variables["params"]
+    if cfg.tie_embeddings:
+        emb = params["embed_tokens"]["embedding"].astype(jnp.dtype(cfg.dtype))
+        return hidden.astype(emb.dtype) @ emb.T
+    head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
+                  param_dtype=jnp.dtype(cfg.param_dtype), peft=peft)
+    sub = {"params": params["lm_head"]}
+    if "lm_head" in variables.get("adapter", {}):
+        sub["adapter"] = variables["adapter"]["lm_head"]
+    return head.apply(sub, hidden)
+
+
+def token_logprobs(model: Transformer, variables: dict, tokens: Array, chunk: int = 512,
+                   with_entropy: bool = False, **kwargs: Any) -> tuple[Array, Array | None]:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every position: [B, T-1] (and the entropy).
+
+    The vocabulary projection runs `chunk` positions at a time under remat, so [B, T, V] logits are
+    never held in memory (forward or backward). kwargs go to the model (attention_mask, positions, ...).
+    """
+    hidden = model.apply(variables, tokens, return_hidden=True, **kwargs)[:, :-1]  # [B, T-1, D]
+    targets = tokens[:, 1:]
+    b, n, d = hidden.shape
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h, t):  # [B, C, D], [B, C]
+        logits = head_logits(model.cfg, model.peft, variables, h).astype(jnp.float32)  # [B, C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else None
+        return lp, ent
+
+    lp, ent = jax.lax.map(lambda xs: one(*xs), (hidden, targets))  # [n_chunks, B, C]
+    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n] if with_entropy else None
+    return lp, ent

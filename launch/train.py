@@ -1,0 +1,33 @@
+"""One entry point for every training config.
+
+  python launch/train.py --config=configs/grpo_dora.py:tiny
+  python launch/train.py --config=configs/grpo_dora.py --workdir=runs/dora --config.optim.learning_rate=2e-5
+  python launch/train.py --config=configs/grpo_lora.py --dry_run --chips=4
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resolved config, metrics, checkpoints)")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "build abstractly: print parameter counts and memory per chip")
+_CHIPS = flags.DEFINE_integer("chips", None, "devices to estimate memory for (default: this host's)")
+
+
+def main(argv) -> None:
+    del argv
+    c = _CONFIG.value
+    if c is None:
+        raise app.UsageError("--config=configs/<file>.py[:tiny] is required")
+    if _DRY_RUN.value:
+        from jaxrl_peft.infra import memory
+        for line in memory.estimate(c, _CHIPS.value).lines():
+            print(line)
+        return
+    from jaxrl_peft.rl import learner
+    learner.train(c, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
