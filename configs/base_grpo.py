@@ -75,9 +75,23 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         train="synthetic" if tiny else "data/dapo-math-17k.parquet",  # user-supplied file
         problem_field="prompt",
         answer_field="solution",
-        template="dapo",  # 'dapo' ("Answer:" instruction) or 'boxed'
+        template="boxed" if tiny else "dapo",  # 'dapo' ("Answer:" instruction) or 'boxed'
         shuffle=True,
+        # data.train == 'synthetic': problems from jaxrl_peft.data.synthetic
+        synthetic_size=100_000,
+        synthetic_seed=0,
+        synthetic_kinds=("arithmetic", "fractions", "linear"),
+        synthetic_levels=(1, 2),
     ))
+
+    # Held-out accuracy before, during (every eval_every steps) and after training.
+    c.eval = ml_collections.ConfigDict(dict(
+        heldout="synthetic" if tiny else "math500",  # 'synthetic' or a benchmark name
+        num_problems=64 if tiny else 100,
+        samples=4 if tiny else 1,
+        batch_size=256 if tiny else 64,
+    ))
+    c.reward_workers = 2
 
     c.steps = 1024
     c.eval_every = 64

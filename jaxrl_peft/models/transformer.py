@@ -305,8 +305,10 @@ def head_logits(cfg: TransformerConfig, peft: PeftMethod | None, variables: dict
 
 
 def token_logprobs(model: Transformer, variables: dict, tokens: Array, chunk: int = 512,
-                   with_entropy: bool = False, **kwargs: Any) -> tuple[Array, Array | None]:
-    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every position: [B, T-1] (and the entropy).
+                   with_entropy: bool = False, temperature: float = 1.0,
+                   **kwargs: Any) -> tuple[Array, Array | None]:
+    """log p(tokens[:, t+1] | tokens[:, :t+1]) for every position: [B, T-1] (and the entropy), under
+    softmax(logits / temperature), the distribution the sampler draws from.
 
     The vocabulary projection runs `chunk` positions at a time under remat, so [B, T, V] logits are
     never held in memory (forward or backward). kwargs go to the model (attention_mask, positions, ...).
@@ -321,7 +323,7 @@ def token_logprobs(model: Transformer, variables: dict, tokens: Array, chunk: in
 
     @jax.checkpoint
     def one(h, t):  # [B, C, D], [B, C]
-        logits = head_logits(model.cfg, model.peft, variables, h).astype(jnp.float32)  # [B, C, V]
+        logits = head_logits(model.cfg, model.peft, variables, h).astype(jnp.float32) / temperature  # [B, C, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else None

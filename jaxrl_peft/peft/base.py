@@ -38,6 +38,9 @@ class PeftMethod:
     name: ClassVar[str] = "none"
     # Which leaf kinds the method adapts: 'linear' (modules with a 2-D kernel) and/or 'norm'.
     kinds: ClassVar[tuple[str, ...]] = ("linear",)
+    # True when init rewrites the base weights (PiSSA, MiLoRA): switching the adapter off then does not
+    # give the original model, so the reference policy keeps the initial adapter instead.
+    residual: ClassVar[bool] = False
     target_modules: tuple[str, ...] = ALL_LINEAR
 
     def targets(self, path: tuple[str, ...], kind: str) -> bool:

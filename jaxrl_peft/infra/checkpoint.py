@@ -1,0 +1,55 @@
+"""Orbax checkpoints of a training run: the trainable tree, optimizer state, method state, the data
+iterator's position and the step; plus a snapshot of the resolved config. Restoring the latest step
+resumes the run exactly (every random key is derived from the config seed and the step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+    """Saves and restores {'state': pytree, 'data': iterator state, 'meta': dict} under `workdir/ckpt`."""
+
+    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3):
+        self.dir = Path(workdir).absolute() / "ckpt"
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.dir, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+        """(state, data_state, meta) at `step`; abstract_state gives shapes, dtypes and shardings."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        return out["state"], out["data"], out["meta"]
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def save_config(workdir: str | os.PathLike, config: Any) -> Path:
+    """Writes the resolved config (JSON) to `workdir/config.json`; a resumed run must match it."""
+    path = Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if path.exists() and json.loads(path.read_text()) != json.loads(text):
+        raise ValueError(f"{path}: this workdir belongs to a run with a different config; "
+                         "use a new --workdir or the same config to resume")
+    path.write_text(text)
+    return path
