@@ -101,6 +101,7 @@ def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int 
     base = tfm.Transformer(cfg)
     params = jax.jit(lambda k: nn.unbox(base.init(k, jnp.zeros((1, 1), jnp.int32)))["params"])(
         jax.random.key(seed))
+    m = m.prepare(params)
     params, adapter = jax.jit(lambda p: peft.init_adapter(m, jax.random.key(seed + 1), p))(params)
     tx = optim.make_optimizer(m, adapter, 1e-5)
     opt_state = jax.jit(tx.init)(adapter)

@@ -61,9 +61,9 @@ def _nbytes(tree: Any, labels: Any = None, skip_frozen: bool = False) -> float:
 def estimate(c: ml_collections.ConfigDict, chips: int | None = None) -> Estimate:
     """Counts and memory of the run `c` on `chips` devices (default: the devices of this host)."""
     cfg = model_config(c)
-    method = peft_method(c)
     chips = chips or jax.device_count()
     abstract = jax.eval_shape(lambda: tfm.init_params(cfg, jax.random.key(0)))
+    method = peft_method(c).prepare(abstract)
     new_params, adapter = jax.eval_shape(lambda p: peft.init_adapter(method, jax.random.key(0), p), abstract)
     labels = peft.labels(method, adapter)
     trainable = peft.trainable_count(method, adapter)

@@ -43,6 +43,11 @@ class PeftMethod:
     residual: ClassVar[bool] = False
     target_modules: tuple[str, ...] = ALL_LINEAR
 
+    def prepare(self, params: dict) -> "PeftMethod":
+        """This method fitted to a model's parameter tree (VeRA sizes its shared projections here)."""
+        del params
+        return self
+
     def targets(self, path: tuple[str, ...], kind: str) -> bool:
         """Whether the module at `path` (a tuple of module names) of this kind is adapted."""
         if kind not in self.kinds:

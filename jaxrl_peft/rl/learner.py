@@ -74,10 +74,10 @@ class Learner:
     def __init__(self, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
         self.c = c
         self.mesh = mesh or mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        self.method = memory.peft_method(c)
         cfg = memory.model_config(c)
         base_model, params = hf.load(c.model.checkpoint, dtype=jnp.dtype(c.model.param_dtype), mesh=self.mesh,
                                      compute_dtype=jnp.dtype(c.model.dtype))
+        self.method = memory.peft_method(c).prepare(params)
         self.cfg = base_model.cfg.replace(remat=cfg.remat)
         self.tokenizer = hf.Tokenizer(c.model.checkpoint)
         self.model = tfm.Transformer(self.cfg, peft=self.method)
@@ -163,7 +163,7 @@ class Learner:
         return loss, m, grads
 
     def _apply_fn(self, adapter, opt_state, grads):
-        norm = optax.global_norm(grads)
+        norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, norm
 
