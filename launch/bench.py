@@ -32,6 +32,7 @@ def main(argv=None) -> None:
     t.add_argument("--dtype", default="bfloat16")
     t.add_argument("--remat", type=int, default=1)
     t.add_argument("--iters", type=int, default=5)
+    t.add_argument("--attention", default=None, help="xla | cudnn (default: cudnn on GPU)")
     w = sub.add_parser("wkv7", help="WKV7 kernel forward and forward+backward ms")
     for name, default in (("B", 8), ("T", 4096), ("H", 32), ("K", 64)):
         w.add_argument(f"--{name}", type=int, default=default)
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     elif args.what == "train":
         from jaxrl_peft.infra import bench
         bench.train(args.method, args.model, args.batch, args.seq, args.r, args.alpha, args.dtype,
-                    bool(args.remat), args.iters)
+                    bool(args.remat), args.iters, attention=args.attention)
     elif args.what == "wkv7":
         from rwkv_jax.kernels.wkv7 import benchmark
         benchmark.run(args.B, args.T, args.H, args.K, dtype=args.dtype, impl=args.impl)

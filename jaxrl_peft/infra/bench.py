@@ -88,7 +88,7 @@ def method_hparams(name: str, r: int, alpha: float) -> dict[str, Any]:
 
 def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int = 4, seq: int = 2048,
           r: int = 32, alpha: float = 64, dtype: str = "bfloat16", remat: bool = True, iters: int = 5,
-          seed: int = 0) -> dict[str, float]:
+          seed: int = 0, attention: str | None = None) -> dict[str, float]:
     """Training-step speed: cross-entropy on random tokens, AdamW on the adapter only."""
     import optax
 
@@ -96,7 +96,7 @@ def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int 
     from jaxrl_peft.models import transformer as tfm
     from jaxrl_peft.peft import optim
 
-    cfg = tfm.preset(model, dtype=dtype, param_dtype=dtype, remat=remat)
+    cfg = tfm.preset(model, dtype=dtype, param_dtype=dtype, remat=remat, attention_impl=attention)
     m = peft.get(method, **method_hparams(method, r, alpha))
     base = tfm.Transformer(cfg)
     params = jax.jit(lambda k: nn.unbox(base.init(k, jnp.zeros((1, 1), jnp.int32)))["params"])(
@@ -130,7 +130,8 @@ def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int 
     result = {"tokens_per_s": batch * seq / best, "step_seconds": best, "trainable_params": trainable,
               "peak_memory_gb": peak_memory_gb()}
     mem = "n/a" if result["peak_memory_gb"] is None else f"{result['peak_memory_gb']:.1f} GB"
-    print(f"train {method} r={r} {model} {dtype} batch={batch}x{seq} remat={remat} on {device_name()}: "
+    print(f"train {method} r={r} {model} {dtype} batch={batch}x{seq} remat={remat} attention={attention or 'auto'} "
+          f"on {device_name()}: "
           f"{result['tokens_per_s']:,.0f} tokens/s ({1e3 * best:.0f} ms/step), peak memory {mem}, "
           f"trainable {trainable:,}")
     return result

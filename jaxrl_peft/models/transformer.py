@@ -48,6 +48,9 @@ class TransformerConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # recompute each block in the backward pass (training memory)
+    # Attention kernel for plain causal attention (no explicit mask): 'xla', 'cudnn' (flash attention
+    # on NVIDIA GPUs, bf16/fp16), or None to pick cudnn on GPU with a 16-bit dtype and xla otherwise.
+    attention_impl: str | None = None
 
     def replace(self, **kw: Any) -> "TransformerConfig":
         return dataclasses.replace(self, **kw)
@@ -149,8 +152,12 @@ class Attention(nn.Module):
             cache = {"k": jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start),
                      "v": jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)}
             k, v = cache["k"].astype(dt), cache["v"].astype(dt)
-        # mask None: plain causal attention, which lets XLA pick a fused kernel (cuDNN flash on GPU).
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+        # mask None: plain causal attention, which can run as cuDNN flash attention on GPU.
+        impl = "xla" if mask is not None else cfg.attention_impl
+        if impl is None:
+            fused = jax.default_backend() == "gpu" and dt in (jnp.bfloat16, jnp.float16)
+            impl = "cudnn" if fused else "xla"
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, implementation=impl,
                                          scale=1.0 / math.sqrt(cfg.head_dim))
         y = y.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return Linear(cfg.hidden_size, ("heads", "embed"), name="o_proj", **lin)(y), cache
