@@ -18,22 +18,26 @@ class MetricWriter:
     uninterrupted run's.
     """
 
-    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True):
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, enabled: bool = True):
         self.dir = Path(workdir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled  # False on every host but the first of a multi-host run
         self.path = self.dir / "metrics.jsonl"
         self._tb = None
-        if tensorboard:
+        if enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard and enabled:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

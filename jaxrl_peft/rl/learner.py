@@ -255,9 +255,13 @@ def train(c: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]
     learner = Learner(c)
     rl = c.rl
     seed_key = jax.random.key(c.seed)
-    dataset = pipeline.math_dataset(train_records(c), rl.prompts_per_step, seed=c.seed, shuffle=c.data.shuffle)
+    if rl.prompts_per_step % jax.process_count():
+        raise ValueError(f"config rl.prompts_per_step={rl.prompts_per_step} must divide evenly over "
+                         f"{jax.process_count()} hosts")
+    per_host = rl.prompts_per_step // jax.process_count()  # each host reads its own shard
+    dataset = pipeline.math_dataset(train_records(c), per_host, seed=c.seed, shuffle=c.data.shuffle)
     checkpointer = ckpt_lib.Checkpointer(workdir)
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
     heldout = heldout_records(c)
     eval_key = jax.random.fold_in(seed_key, _EVAL)
     state = {"adapter": learner.adapter, "opt": learner.opt_state, "method": learner.method_state}

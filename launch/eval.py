@@ -1,0 +1,41 @@
+"""avg@k / pass@k on math benchmarks: prints a markdown table, writes per-problem results as JSON.
+
+  python launch/eval.py --config=configs/eval_math.py:tiny --checkpoint=assets/tiny-r1
+  python launch/eval.py --config=configs/eval_math.py --checkpoint=PATH --output=results.json
+  python launch/eval.py --config=configs/eval_math.py --checkpoint=BASE --adapter=ADAPTER_DIR --config.limit=50
+
+--checkpoint is an HF directory (a base or merged model); --adapter an HF PEFT adapter directory.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval_math.py[:tiny]", lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (default: config.checkpoint)")
+_ADAPTER = flags.DEFINE_string("adapter", None, "HF PEFT adapter directory (default: config.adapter)")
+_OUTPUT = flags.DEFINE_string("output", "eval_results.json", "JSON file for the per-problem results ('' : none)")
+
+
+def main(argv) -> None:
+    del argv
+    c = _CONFIG.value
+    if c is None:
+        raise app.UsageError("--config=configs/eval_math.py[:tiny] is required")
+    from jaxrl_peft.eval import math_eval
+
+    try:
+        results = math_eval.run(c, _CHECKPOINT.value, _ADAPTER.value, _OUTPUT.value)
+    except math_eval.InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(results.table())
+    if _OUTPUT.value:
+        print(f"\nper-problem results: {_OUTPUT.value}  ({results.generated_tokens:,} tokens generated in "
+              f"{results.seconds:.0f} s)")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
