@@ -68,6 +68,11 @@ def build_experience(prompt_ids: Sequence[Sequence[int]], out: rollout.Rollout, 
     return Experience(tokens, loss_mask, sampler_logp, advantages.astype(np.float32))
 
 
+def completion_texts(tokenizer: hf.Tokenizer, out: rollout.Rollout) -> list[str]:
+    """Decoded completions without their stop token (so 'Answer: 42<eos>' reads as 'Answer: 42')."""
+    return [tokenizer.decode(t[:int(n) - int(f)]) for t, n, f in zip(out.tokens, out.lengths, out.finished)]
+
+
 class Learner:
     """Holds the model, the PEFT method, the jitted rollout/update functions and the run state."""
 
@@ -223,7 +228,7 @@ class Learner:
         bs = self.c.eval.batch_size
         for i in range(0, len(ids), bs):
             out = jax.device_get(self.sample(self.adapter, ids[i:i + bs], jax.random.fold_in(key, i)))
-            texts = [self.tokenizer.decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
+            texts = completion_texts(self.tokenizer, out)
             accs.extend(self.rewards(texts, golds[i:i + bs]))
         return float(np.mean(accs))
 
@@ -293,7 +298,7 @@ def train(c: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]
             out = jax.device_get(learner.sample(learner.adapter, ids,
                                                 jax.random.fold_in(jax.random.fold_in(seed_key, _ROLLOUT), step)))
             t1 = time.perf_counter()
-            texts = [learner.tokenizer.decode(t[:n]) for t, n in zip(out.tokens, out.lengths)]
+            texts = completion_texts(learner.tokenizer, out)
             correct = np.asarray(learner.rewards(texts, golds), np.float32)
             rewards = correct + np.asarray(losses.overlong_penalty(
                 out.lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty))
