@@ -1,1 +1,64 @@
-"""(being written)"""
+"""Full fine-tuning as a PEFT method: the adapter is a trainable copy of every weight it targets.
+
+Linear layers train a copy of kernel (and bias), norms a copy of their gain; the base stays in
+`params` and serves as the reference policy. There is no HF PEFT format: the merged export (the
+trained copies swapped in) is the checkpoint. The token embedding is not covered: the registry walk
+knows only linear and norm modules and the embedding lookup does not consult the PEFT method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
+
+from jaxrl_peft.peft.base import Adapter, Array, PeftMethod, linear
+from jaxrl_peft.peft.registry import register
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class Full(PeftMethod):
+    """Trains copies of all targeted linear and norm weights (default: all of them, lm_head included),
+    kept in `dtype` (fp32 master weights by default; None keeps the base dtype)."""
+
+    name: ClassVar[str] = "full"
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "norm")
+    target_modules: tuple[str, ...] = ("*",)
+    dtype: str | None = "float32"
+
+    def _copy(self, a: Array) -> Array:
+        return jnp.array(a, dtype=self.dtype or a.dtype, copy=True)
+
+    def init(self, key: Array, kernel: Array, bias: Array | None = None, *,
+             path: tuple[str, ...] = ()) -> tuple[Array, Adapter]:
+        del key, path
+        adapter = {"kernel": self._copy(kernel)}
+        if bias is not None:
+            adapter["bias"] = self._copy(bias)
+        return kernel, adapter
+
+    def init_norm(self, key: Array, scale: Array, *, path: tuple[str, ...] = ()) -> Adapter:
+        del key, path
+        return {"scale": self._copy(scale)}
+
+    def apply(self, x: Array, kernel: Array, bias: Array | None, adapter: Adapter) -> Array:
+        del kernel
+        if bias is not None and "bias" not in adapter:
+            raise ValueError("full: the layer has a bias but its adapter copy does not")
+        b = adapter.get("bias")
+        return linear(x, adapter["kernel"].astype(x.dtype), None if b is None else b.astype(x.dtype))
+
+    def norm_scale(self, scale: Array, adapter: Adapter) -> Array:
+        return adapter["scale"].astype(scale.dtype)
+
+    def merge(self, kernel: Array, bias: Array | None, adapter: Adapter) -> tuple[Array, Array | None]:
+        del kernel
+        return adapter["kernel"], adapter.get("bias", bias)
+
+    def adapter_axes(self, kernel_axes: tuple[str | None, ...], adapter: Adapter) -> Any:
+        if "scale" in adapter:
+            return {"scale": tuple(kernel_axes[-1:]) or ("norm",)}
+        axes = {"kernel": tuple(kernel_axes), "bias": tuple(kernel_axes[1:])}
+        return {k: axes[k] for k in adapter}
