@@ -102,3 +102,33 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding [vocab, features]; a PEFT method may supply the table (full fine-tuning)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    peft: PeftMethod | None = None
+    embedding_init: Initializer = nn.initializers.normal(0.02)
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            (self.num_embeddings, self.features), self.param_dtype)
+
+    def table(self) -> jax.Array:
+        adapter = _adapter_of(self)
+        table = self.embedding
+        if adapter:
+            table = _require_method(self, self.peft).embedding_table(table, adapter)
+        return table.astype(self.dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.table(), tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the (tied) table: x [..., features] -> [..., vocab]."""
+        return x.astype(self.dtype) @ self.table().T

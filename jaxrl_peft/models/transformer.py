@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_peft.models.layers import Linear, RMSNorm
+from jaxrl_peft.models.layers import Embed, Linear, RMSNorm
 from jaxrl_peft.peft.base import PeftMethod
 
 Array = jax.Array
@@ -243,11 +243,8 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a cache needs cache_index and kv_mask [batch, cache_size]")
             s = cache[0]["k"].shape[1]
             mask = make_mask(cache_index + jnp.arange(t), jnp.arange(s), kv_mask.astype(jnp.bool_))
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
-                         param_dtype=jnp.dtype(cfg.param_dtype),
-                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
-                                                                     ("vocab", "embed")),
-                         name="embed_tokens")
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft, name="embed_tokens")
         x = embed(tokens)
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if cfg.remat else DecoderLayer
         new_cache = [] if cache is not None else None
@@ -301,8 +298,12 @@ def head_logits(cfg: TransformerConfig, peft: PeftMethod | None, variables: dict
     """The output projection alone: logits [..., V] from final hidden states [..., D]."""
     params = variables["params"]
     if cfg.tie_embeddings:
-        emb = params["embed_tokens"]["embedding"].astype(jnp.dtype(cfg.dtype))
-        return hidden.astype(emb.dtype) @ emb.T
+        embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                      param_dtype=jnp.dtype(cfg.param_dtype), peft=peft)
+        sub = {"params": params["embed_tokens"]}
+        if "embed_tokens" in variables.get("adapter", {}):
+            sub["adapter"] = variables["adapter"]["embed_tokens"]
+        return embed.apply(sub, hidden, method=Embed.attend)
     head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
                   param_dtype=jnp.dtype(cfg.param_dtype), peft=peft)
     sub = {"params": params["lm_head"]}

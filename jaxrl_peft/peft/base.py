@@ -84,6 +84,16 @@ class PeftMethod:
         del kernel_axes
         return jax.tree.map(lambda a: (None,) * jnp.ndim(a), adapter)
 
+    def init_embedding(self, key: Array, table: Array, *, path: tuple[str, ...] = ()) -> Adapter:
+        """Adapter of a token embedding [vocab, embed] (methods with 'embedding' in `kinds`)."""
+        del key, table, path
+        return {}
+
+    def embedding_table(self, table: Array, adapter: Adapter) -> Array:
+        """The embedding table a model uses given its adapter (full fine-tuning overrides this)."""
+        del adapter
+        return table
+
     def init_norm(self, key: Array, scale: Array, *, path: tuple[str, ...] = ()) -> Adapter:
         """Adapter of a norm layer (methods with 'norm' in `kinds`)."""
         del key, scale, path

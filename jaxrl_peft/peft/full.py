@@ -2,8 +2,7 @@
 
 Linear layers train a copy of kernel (and bias), norms a copy of their gain; the base stays in
 `params` and serves as the reference policy. There is no HF PEFT format: the merged export (the
-trained copies swapped in) is the checkpoint. The token embedding is not covered: the registry walk
-knows only linear and norm modules and the embedding lookup does not consult the PEFT method.
+trained copies swapped in) is the checkpoint. The token embedding trains too (kind 'embedding').
 """
 
 from __future__ import annotations
@@ -20,11 +19,11 @@ from jaxrl_peft.peft.registry import register
 @register
 @dataclasses.dataclass(frozen=True)
 class Full(PeftMethod):
-    """Trains copies of all targeted linear and norm weights (default: all of them, lm_head included),
+    """Trains copies of all targeted linear, norm and embedding weights (default: all of them),
     kept in `dtype` (fp32 master weights by default; None keeps the base dtype)."""
 
     name: ClassVar[str] = "full"
-    kinds: ClassVar[tuple[str, ...]] = ("linear", "norm")
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "norm", "embedding")
     target_modules: tuple[str, ...] = ("*",)
     dtype: str | None = "float32"
 
@@ -42,6 +41,13 @@ class Full(PeftMethod):
     def init_norm(self, key: Array, scale: Array, *, path: tuple[str, ...] = ()) -> Adapter:
         del key, path
         return {"scale": self._copy(scale)}
+
+    def init_embedding(self, key: Array, table: Array, *, path: tuple[str, ...] = ()) -> Adapter:
+        del key, path
+        return {"embedding": self._copy(table)}
+
+    def embedding_table(self, table: Array, adapter: Adapter) -> Array:
+        return adapter["embedding"].astype(table.dtype)
 
     def apply(self, x: Array, kernel: Array, bias: Array | None, adapter: Adapter) -> Array:
         del kernel

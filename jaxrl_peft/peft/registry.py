@@ -1,7 +1,7 @@
 """Method registry and the walks over parameter trees that every method shares.
 
-A module in a parameter tree is a dict; it is a linear layer when it holds a 2-D `kernel` and a norm
-when it holds a 1-D `scale`. Paths are tuples of module names, e.g. ('layers_0', 'mlp', 'up_proj').
+A module in a parameter tree is a dict; it is a linear layer when it holds a 2-D `kernel`, a norm
+when it holds a 1-D `scale` and a token embedding when it holds a 2-D `embedding`. Paths are tuples of module names, e.g. ('layers_0', 'mlp', 'up_proj').
 """
 
 from __future__ import annotations
@@ -42,12 +42,14 @@ def methods() -> list[str]:
 
 
 def modules(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str, dict]]:
-    """Yields (path, kind, module_dict) for every linear ('linear') and norm ('norm') module."""
-    kernel, scale = params.get("kernel"), params.get("scale")
+    """Yields (path, kind, module_dict) for every 'linear', 'norm' and 'embedding' module."""
+    kernel, scale, table = params.get("kernel"), params.get("scale"), params.get("embedding")
     if kernel is not None and jnp.ndim(kernel) == 2:
         yield path, "linear", params
     elif scale is not None and jnp.ndim(scale) == 1:
         yield path, "norm", params
+    elif table is not None and jnp.ndim(table) == 2:
+        yield path, "embedding", params
     for name, sub in params.items():
         if isinstance(sub, dict):
             yield from modules(sub, path + (name,))
@@ -86,8 +88,10 @@ def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict
             kernel, a = method.init(k, mod["kernel"], mod.get("bias"), path=path)
             if kernel is not mod["kernel"]:
                 _set(new_params, path, "kernel", kernel)
-        else:
+        elif kind == "norm":
             a = method.init_norm(k, mod["scale"], path=path)
+        else:
+            a = method.init_embedding(k, mod["embedding"], path=path)
         if a:
             _set(adapter, path, None, a)
     if not adapter and method.name != "none":
@@ -117,8 +121,11 @@ def merge(method: PeftMethod, params: dict, adapter: dict) -> dict:
             _set(out, path, "kernel", kernel.astype(mod["kernel"].dtype))
             if bias is not None:
                 _set(out, path, "bias", bias.astype(mod["kernel"].dtype))
-        else:
+        elif kind == "norm":
             _set(out, path, "scale", method.norm_scale(mod["scale"], a).astype(mod["scale"].dtype))
+        else:
+            table = mod["embedding"]
+            _set(out, path, "embedding", method.embedding_table(table, a).astype(table.dtype))
     return out
 
 
