@@ -52,8 +52,9 @@ class IA3(PeftMethod):
     feedforward_modules: tuple[str, ...] = ("down_proj",)
 
     def __post_init__(self):
-        for field in ("target_modules", "feedforward_modules"):
-            object.__setattr__(self, field, tuple(getattr(self, field)))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        # A set of patterns (HF PEFT stores it as a set): sorted, so equal configs compare equal.
+        object.__setattr__(self, "feedforward_modules", tuple(sorted(set(self.feedforward_modules))))
         stray = [p for p in self.feedforward_modules if p not in self.target_modules]
         if stray and _bare(self.target_modules) and _bare(self.feedforward_modules):
             raise ValueError(f"ia3: feedforward_modules {stray} are not in target_modules {self.target_modules}")
