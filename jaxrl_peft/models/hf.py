@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import transformer as tfm
+from jaxrl_peft.peft.registry import nest
 
 _ST_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -220,16 +221,6 @@ def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
     return [(tuple(k.key for k in kp), v) for kp, v in flat]
 
 
-def _unflatten(items: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
-    out: dict = {}
-    for path, value in items:
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return out
-
-
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
@@ -279,7 +270,7 @@ def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None =
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}"
                               f"{' ...' if len(unexpected) > 5 else ''} for a {cfg.arch} model")
-    return tfm.Transformer(cfg), _unflatten(items)
+    return tfm.Transformer(cfg), nest(items)
 
 
 def _place(raw: np.ndarray, transpose: bool, dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:

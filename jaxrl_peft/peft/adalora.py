@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxrl_peft.peft.base import Adapter, Array, PeftMethod, linear
 from jaxrl_peft.peft.lora import _check_common, dropout, hf_number, to_np
-from jaxrl_peft.peft.registry import register
+from jaxrl_peft.peft.registry import nest, register
 
 
 def _svd_modules(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
@@ -36,17 +36,6 @@ def _get(tree: dict, path: tuple[str, ...]) -> dict:
     for p in path:
         tree = tree[p]
     return tree
-
-
-def _nest(items: list[tuple[tuple[str, ...], Any]]) -> dict:
-    """A nested dict with `value` at each `path`."""
-    out: dict = {}
-    for path, value in items:
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return out
 
 
 def _replace(tree: dict, path: tuple[str, ...], leaves: dict) -> dict:
@@ -169,8 +158,8 @@ class AdaLoRA(PeftMethod):
         if not mods:
             raise ValueError("PEFT method 'adalora': the adapter tree holds no AdaLoRA module")
         zeros = lambda m: {k: jnp.zeros(m[k].shape, jnp.float32) for k in ("lora_a", "lora_e", "lora_b")}  # noqa: E731
-        return {"ipt": _nest([(p, zeros(m)) for p, m in mods]), "unc": _nest([(p, zeros(m)) for p, m in mods]),
-                "pattern": _nest([(p, {"keep": jnp.ones(m["lora_e"].shape, bool)}) for p, m in mods])}
+        return {"ipt": nest([(p, zeros(m)) for p, m in mods]), "unc": nest([(p, zeros(m)) for p, m in mods]),
+                "pattern": nest([(p, {"keep": jnp.ones(m["lora_e"].shape, bool)}) for p, m in mods])}
 
     @staticmethod
     def triplet_score(ipt: Adapter, unc: Adapter) -> Array:
@@ -221,8 +210,8 @@ class AdaLoRA(PeftMethod):
             pattern.append((path, {"keep": keep}))
         reset = lambda t: jax.tree.map(lambda x: jnp.where(finalizing, jnp.zeros_like(x), x), t)  # noqa: E731
         paths = [p for p, _ in mods]
-        return new_tree, {"ipt": reset(_nest(list(zip(paths, ipt)))), "unc": reset(_nest(list(zip(paths, unc)))),
-                          "pattern": _nest(pattern)}
+        return new_tree, {"ipt": reset(nest(list(zip(paths, ipt)))), "unc": reset(nest(list(zip(paths, unc)))),
+                          "pattern": nest(pattern)}
 
     # --- Hugging Face PEFT format ----------------------------------------------------------
     def hf_config(self) -> dict | None:

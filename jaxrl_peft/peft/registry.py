@@ -7,7 +7,7 @@ when it holds a 1-D `scale` and a token embedding when it holds a 2-D `embedding
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +67,17 @@ def _set(tree: dict, path: tuple[str, ...], leaf_name: str | None, value: Any) -
         node.update(value)
     else:
         node[leaf_name] = value
+
+
+def nest(items: Iterable[tuple[tuple[str, ...], Any]]) -> dict:
+    """A nested dict holding each value at its path (the inverse of flattening with paths)."""
+    out: dict = {}
+    for path, value in items:
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return out
 
 
 def _copy(tree: dict) -> dict:
