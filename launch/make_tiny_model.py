@@ -3,10 +3,16 @@
   python launch/make_tiny_model.py --out=assets/tiny-r1
 
 Builds a byte-level BPE with the R1-Distill special tokens and chat template on the rendered training
-conversations, trains a small Qwen2 decoder on R1-style solutions (`<think>` steps, then `\\boxed{}`),
-saves it in HF format, reloads the saved files and measures held-out accuracy with the real sampler
-at temperature 1 and math_reward (avg@1 = mean over 8 samples per problem, pass@8). Deterministic
-for a given seed on a given machine.
+conversations, trains a small Qwen2 decoder on R1-style solutions (`<think>` steps, then `\\boxed{}`)
+with the prompts of both the 'dapo' and 'boxed' templates, saves it in HF format, reloads the saved
+files and measures held-out accuracy with the real sampler at temperature 1 and math_reward (avg@1 =
+mean over 8 samples per problem, pass@8). Deterministic for a given seed on a given machine.
+
+Measured (2 shared CPU cores, load average 3-4; 9.5 min in all, 443 s of it training): 0.59M
+parameters (2 layers, hidden 128, vocab 768), 600 steps over 20,000 problems (1.07 epochs). On 256
+held-out problems (seed 1; 71% of their texts also occur among the training problems, whose easy
+levels have only a few hundred distinct problems): 'dapo' avg@1 0.384, pass@8 0.723, greedy 0.527;
+'boxed' avg@1 0.400, pass@8 0.719, greedy 0.512.
 """
 
 from __future__ import annotations
@@ -22,18 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_peft.data import prompts, synthetic
+from jaxrl_peft.models import hf, sft, tiny
+from jaxrl_peft.models import transformer as tfm
+from jaxrl_peft.rewards.math import math_reward
+from jaxrl_peft.rl import rollout
+
 THINK = "<think>\n"
 # Kinds and levels of the problem mix, and the seeds of the disjoint training and held-out streams.
-KINDS = ("arithmetic", "percent", "quadratic", "linear", "modular")
+KINDS = ("percent", "quadratic", "modular", "linear")
 LEVELS = (1, 2)
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 TEMPLATES = ("dapo", "boxed")  # the model learns both; the GRPO configs use 'dapo'
 
 
-def render(problems, tok, templates=TEMPLATES):
-    """(prompt text, completion text) per problem; the prompt ends with the template's `<think>\\n`."""
-    from jaxrl_peft.data import prompts
-
+def render(problems: list[synthetic.SyntheticProblem], tok: hf.Tokenizer,
+           templates: tuple[str, ...] = TEMPLATES) -> list[tuple[str, str]]:
+    """(prompt, completion) texts, templates in turn; the prompt ends with the chat template's `<think>\\n`."""
     out = []
     for i, p in enumerate(problems):
         prompt = prompts.build_prompt(p.problem, tok, templates[i % len(templates)])
@@ -44,14 +55,9 @@ def render(problems, tok, templates=TEMPLATES):
     return out
 
 
-def heldout_accuracy(path: Path, problems, template: str, samples: int, temperature: float,
-                     max_new_tokens: int, seed: int, rows: int = 128) -> dict:
+def heldout_accuracy(path: Path, problems: list[synthetic.SyntheticProblem], template: str, samples: int,
+                     temperature: float, max_new_tokens: int, seed: int, rows: int = 128) -> dict:
     """Samples `samples` completions per problem from the HF directory `path` and grades them."""
-    from jaxrl_peft.data import prompts
-    from jaxrl_peft.models import hf
-    from jaxrl_peft.rewards.math import math_reward
-    from jaxrl_peft.rl import rollout
-
     model, params = hf.load(path, dtype=jnp.float32)
     tok = hf.Tokenizer(path)
     ids = [tok.encode(prompts.build_prompt(p.problem, tok, template)) for p in problems]
@@ -97,10 +103,6 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_eval", action="store_true")
     args = parser.parse_args(argv)
-
-    from jaxrl_peft.data import synthetic
-    from jaxrl_peft.models import hf, sft, tiny
-    from jaxrl_peft.models import transformer as tfm
 
     t0 = time.perf_counter()
     kinds, levels = tuple(args.kinds.split(",")), tuple(int(x) for x in args.levels.split(","))
