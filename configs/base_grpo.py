@@ -51,16 +51,16 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         overlong_penalty=1.0,
         tis_cap=2.0,  # truncated importance weight sampler->learner (0: off)
         updates_per_batch=1,
-        micro_batch_size=8,  # sequences per forward/backward pass of the update (gradient accumulation)
+        micro_batch_size=128 if tiny else 8,  # sequences per forward/backward (gradient accumulation)
         max_prompt_tokens=512,
-        max_new_tokens=256 if tiny else 16384,
+        max_new_tokens=64 if tiny else 16384,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-5,
+        learning_rate=1e-3 if tiny else 1e-5,
         schedule="constant",
         warmup_steps=0,
         weight_decay=0.0,
@@ -77,24 +77,25 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         answer_field="solution",
         template="boxed" if tiny else "dapo",  # 'dapo' ("Answer:" instruction) or 'boxed'
         shuffle=True,
-        # data.train == 'synthetic': problems from jaxrl_peft.data.synthetic
+        # data.train == 'synthetic': problems from jaxrl_peft.data.synthetic (the kinds and levels the
+        # embedded model was fine-tuned on; seed 0 was its SFT data)
         synthetic_size=100_000,
-        synthetic_seed=0,
-        synthetic_kinds=("arithmetic", "fractions", "linear"),
+        synthetic_seed=2,
+        synthetic_kinds=("percent", "quadratic", "modular", "linear"),
         synthetic_levels=(1, 2),
     ))
 
     # Held-out accuracy before, during (every eval_every steps) and after training.
     c.eval = ml_collections.ConfigDict(dict(
         heldout="synthetic" if tiny else "math500",  # 'synthetic' or a benchmark name
-        num_problems=64 if tiny else 100,
+        num_problems=128 if tiny else 100,
         samples=4 if tiny else 1,
         batch_size=256 if tiny else 64,
     ))
     c.reward_workers = 2
 
-    c.steps = 1024
-    c.eval_every = 64
-    c.checkpoint_every = 64
+    c.steps = 120 if tiny else 1024
+    c.eval_every = 40 if tiny else 64
+    c.checkpoint_every = 40 if tiny else 64
     c.log_every = 1
     return c

@@ -136,7 +136,9 @@ class Learner:
         return ids, cut
 
     def sample(self, adapter: Any, prompt_ids: list[list[int]], key: Array) -> rollout.Rollout:
-        tokens, mask = rollout.left_pad(prompt_ids, self.tokenizer.pad_id)
+        longest = max(len(p) for p in prompt_ids)
+        width = -(-longest // 16) * 16  # a few padded widths, so a few compilations
+        tokens, mask = rollout.left_pad(prompt_ids, self.tokenizer.pad_id, length=width)
         return self.sampler({"params": self.params, "adapter": adapter}, tokens, mask, key)
 
     def _grad_fn(self, adapter, params, ref_adapter, tokens, loss_mask, sampler_logp, advantages, old_logp,
