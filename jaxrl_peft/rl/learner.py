@@ -79,11 +79,10 @@ class Learner:
     def __init__(self, c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None):
         self.c = c
         self.mesh = mesh or mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        cfg = memory.model_config(c)
         base_model, params = hf.load(c.model.checkpoint, dtype=jnp.dtype(c.model.param_dtype), mesh=self.mesh,
                                      compute_dtype=jnp.dtype(c.model.dtype))
         self.method = memory.peft_method(c).prepare(params)
-        self.cfg = base_model.cfg.replace(remat=cfg.remat)
+        self.cfg = base_model.cfg.replace(remat=c.model.remat)
         self.tokenizer = hf.Tokenizer(c.model.checkpoint)
         self.model = tfm.Transformer(self.cfg, peft=self.method)
         key = jax.random.fold_in(jax.random.key(c.seed), _ADAPTER)
