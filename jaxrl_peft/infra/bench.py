@@ -96,6 +96,7 @@ def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int 
     from jaxrl_peft.models import transformer as tfm
     from jaxrl_peft.peft import optim
 
+    t_setup = time.perf_counter()
     cfg = tfm.preset(model, dtype=dtype, param_dtype=dtype, remat=remat, attention_impl=attention)
     m = peft.get(method, **method_hparams(method, r, alpha))
     base = tfm.Transformer(cfg)
@@ -119,6 +120,12 @@ def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int 
 
     tokens = jax.random.randint(jax.random.key(seed + 2), (batch, seq), 0, cfg.vocab_size)
     state = {"adapter": adapter, "opt": opt_state}
+    jax.block_until_ready(state)
+    print(f"train bench: model and adapter ready after {time.perf_counter() - t_setup:.0f} s; compiling the step",
+          flush=True)
+    t_compile = time.perf_counter()
+    step = step.lower(state["adapter"], state["opt"], params, tokens).compile()
+    print(f"train bench: step compiled in {time.perf_counter() - t_compile:.0f} s", flush=True)
 
     def run():
         state["adapter"], state["opt"], loss = step(state["adapter"], state["opt"], params, tokens)
