@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_peft.models.layers import LayerNorm, Linear
+from jaxrl_peft.models.layers import LayerNorm, Linear, adapted_gain
 from jaxrl_peft.peft.base import PeftMethod
+from jaxrl_peft.rl.rollout import SamplingConfig, sample_tokens
 
 Dtype = Any
 Params = dict[str, Any]
@@ -177,12 +178,7 @@ class GroupNorm(nn.Module):
                            (d,), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
                           (d,), self.param_dtype)
-        adapter = self.variables.get("adapter")
-        if adapter:
-            if self.peft is None:
-                raise ValueError(f"module {'/'.join(self.scope.path)} received adapter weights but "
-                                 "the model was built without a PEFT method (pass peft=...)")
-            scale = self.peft.norm_scale(scale, dict(adapter))
+        scale = adapted_gain(self, scale)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -375,34 +371,19 @@ class RWKV7(nn.Module):
 # Generation.
 
 
-def _sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
-            top_p: jax.Array) -> jax.Array:
-    """Greedy when temperature == 0, else nucleus sampling. logits [B, V] -> [B] int32."""
-    def sample(logits):
-        logits = logits / temperature
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # always keeps the top token
-        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-    return jax.lax.cond(temperature == 0.0,
-                        lambda l: jnp.argmax(l, axis=-1).astype(jnp.int32), sample, logits)
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def _generate(model, variables, prompt, state, key, temperature, top_p, max_new_tokens):
+@functools.partial(jax.jit, static_argnames=("model", "sampling"))
+def _generate(model, variables, prompt, state, key, sampling: SamplingConfig):
     logits, state = model.apply(variables, prompt, state)  # parallel prefill
     last = logits[:, -1]
+    batch = prompt.shape[0]
 
     def body(carry, step_key):
         state, last = carry
-        token = _sample(last, step_key, temperature, top_p)
+        token, _ = sample_tokens(last, jax.random.split(step_key, batch), sampling)
         logits, state = model.apply(variables, token[:, None], state, recurrent=True)
         return (state, logits[:, 0]), token
 
-    (state, _), tokens = jax.lax.scan(body, (state, last), jax.random.split(key, max_new_tokens))
+    (state, _), tokens = jax.lax.scan(body, (state, last), jax.random.split(key, sampling.max_new_tokens))
     return jnp.moveaxis(tokens, 0, 1), state
 
 
@@ -422,8 +403,8 @@ def generate(model: RWKV7, params: Params, prompt: jax.Array, max_new_tokens: in
     if state is None:
         state = init_state(model.config, prompt.shape[0])
     key = jax.random.key(0) if key is None else key
-    return _generate(model, variables, prompt, state, key, jnp.float32(temperature),
-                     jnp.float32(top_p), max_new_tokens)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    return _generate(model, variables, prompt, state, key, sampling)
 
 
 # ------------------------------------------------------------------------------------------------
