@@ -31,6 +31,12 @@ def _require_method(module: nn.Module, method: PeftMethod | None) -> PeftMethod:
     return method
 
 
+def adapted_gain(module: nn.Module, scale: jax.Array) -> jax.Array:
+    """A norm layer's gain, as the module's PEFT method sets it when it holds an adapter."""
+    adapter = _adapter_of(module)
+    return _require_method(module, module.peft).norm_scale(scale, adapter) if adapter else scale
+
+
 class Linear(nn.Module):
     """y = x W + b with W of shape [in, features]; a PEFT method may replace the computation."""
 
@@ -71,9 +77,7 @@ class RMSNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x.shape[-1],), self.param_dtype)
-        adapter = _adapter_of(self)
-        if adapter:
-            scale = _require_method(self, self.peft).norm_scale(scale, adapter)
+        scale = adapted_gain(self, scale)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -94,9 +98,7 @@ class LayerNorm(nn.Module):
                            (d,), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
                           (d,), self.param_dtype)
-        adapter = _adapter_of(self)
-        if adapter:
-            scale = _require_method(self, self.peft).norm_scale(scale, adapter)
+        scale = adapted_gain(self, scale)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
