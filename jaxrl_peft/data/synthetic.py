@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import random
+import re
 from collections.abc import Callable, Sequence
 
 import sympy
 
 KINDS = ("arithmetic", "fractions", "linear", "percent", "modular", "quadratic")
 LEVELS = (1, 2, 3, 4, 5)
+GUESS_OPENING = "Quick guess:"  # how a guessed completion starts its reasoning (see r1_guess)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,10 @@ class SyntheticProblem:
         reasoning = "\n".join(self.steps)
         return f"<think>\n{reasoning}\n</think>\n\nThe answer is $\\boxed{{{self.answer}}}$."
 
+    def r1_guess(self, answer: str) -> str:
+        """A completion that skips the reasoning and states `answer` (a quick guess, right or wrong)."""
+        return f"<think>\n{GUESS_OPENING} {answer}.\n</think>\n\nThe answer is $\\boxed{{{answer}}}$."
+
     def as_record(self) -> dict[str, str]:
         return {"problem": self.problem, "answer": self.answer, "source": f"synthetic/{self.kind}/{self.level}"}
 
@@ -43,6 +49,22 @@ def latex(x: sympy.Rational | int) -> str:
         return str(x.p)
     sign = "-" if x < 0 else ""
     return f"{sign}\\frac{{{abs(x.p)}}}{{{x.q}}}"
+
+
+def wrong_answer(answer: str, rng: random.Random) -> str:
+    """A nearby wrong answer spelt like `answer` (integer, decimal or \\frac): off by 1 to 3 units of
+    its last digit, or of its numerator."""
+    offset = rng.choice((-3, -2, -1, 1, 2, 3))
+    frac = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", answer)
+    if frac:
+        value = sympy.Rational(int(frac[2]) * (-1 if frac[1] else 1) + offset, int(frac[3]))
+        return latex(value)
+    try:
+        value = decimal.Decimal(answer)
+    except decimal.InvalidOperation:
+        raise ValueError(f"cannot perturb the answer {answer!r}") from None
+    unit = decimal.Decimal(1).scaleb(value.as_tuple().exponent)
+    return str(value + offset * unit)
 
 
 def _nonzero(rng: random.Random, lo: int, hi: int) -> int:

@@ -3,7 +3,8 @@
 import pytest
 import sympy
 
-from jaxrl_peft.data.synthetic import KINDS, LEVELS, SyntheticSource, generate, make_problem
+from jaxrl_peft.data.synthetic import (GUESS_OPENING, KINDS, LEVELS, SyntheticSource, generate, make_problem,
+                                      wrong_answer)
 from jaxrl_peft.rewards.math import math_reward
 
 
@@ -35,6 +36,24 @@ def test_r1_solutions_earn_reward_and_wrong_answers_do_not():
     assert math_reward(solutions, golds) == [1.0] * len(problems)
     wrong = [f"<think>\n</think>\n\\boxed{{{p.answer}+1}}" for p in problems]
     assert math_reward(wrong, golds) == [0.0] * len(problems)
+
+
+def test_guesses_are_graded_like_any_answer():
+    import random
+
+    rng = random.Random(0)
+    problems = generate(200, seed=4)
+    golds = [p.answer for p in problems]
+    wrong = [wrong_answer(g, rng) for g in golds]
+    assert all(w != g for w, g in zip(wrong, golds))
+    assert math_reward([p.r1_guess(p.answer) for p in problems], golds) == [1.0] * len(problems)
+    assert math_reward([p.r1_guess(w) for p, w in zip(problems, wrong)], golds) == [0.0] * len(problems)
+    assert all(p.r1_guess("7").startswith("<think>\n" + GUESS_OPENING) for p in problems)
+    assert wrong_answer("7.5", random.Random(1)) in {"7.2", "7.3", "7.4", "7.6", "7.7", "7.8"}
+    assert wrong_answer("\\frac{3}{4}", random.Random(1)) in {"0", "\\frac{1}{4}", "\\frac{1}{2}", "1",
+                                                              "\\frac{5}{4}", "\\frac{3}{2}"}
+    with pytest.raises(ValueError, match="cannot perturb"):
+        wrong_answer("x + 1", rng)
 
 
 def test_answers_are_correct_by_construction():
