@@ -8,17 +8,26 @@ with the prompts of both the 'dapo' and 'boxed' templates, saves it in HF format
 files and measures held-out accuracy with the real sampler at temperature 1 and math_reward (avg@1 =
 mean over 8 samples per problem, pass@8). Deterministic for a given seed on a given machine.
 
-Measured (2 shared CPU cores, load average 3-4; 9.5 min in all, 443 s of it training): 0.59M
-parameters (2 layers, hidden 128, vocab 768), 600 steps over 20,000 problems (1.07 epochs). On 256
-held-out problems (seed 1; 71% of their texts also occur among the training problems, whose easy
-levels have only a few hundred distinct problems): 'dapo' avg@1 0.384, pass@8 0.723, greedy 0.527;
-'boxed' avg@1 0.400, pass@8 0.719, greedy 0.512.
+The teacher is imperfect on purpose, as distilled reasoning data is: 60% of its demonstrations skip
+the reasoning with a quick guess ("<think>\\nQuick guess: 12.\\n</think>..."), right only 20% of the time
+(otherwise a nearby wrong value). Whether to guess does not depend on the problem, so the fine-tuned
+model guesses on about 60% of its samples. That leaves room that reinforcement learning with a
+verifiable reward can find (stop guessing, work the problem, sharpen the worked answers), which is
+what the embedded GRPO default shows on CPU in minutes.
+
+Measured (2 CPU cores shared with another job; 13.8 min in all, 655 s of it training): 0.59M
+parameters (2 layers, hidden 128, vocab 768), 1,200 steps over 40,000 problems (1.22 epochs). On 256
+held-out problems (seed 1; many of their texts also occur among the training problems, whose easy
+levels have only a few hundred distinct problems), 'boxed' template: avg@1 0.225, pass@8 0.695,
+greedy 0.211; 60% of samples guess (accuracy 0.099), worked samples are right 41.1% of the time.
+'dapo' template: avg@1 0.216, pass@8 0.695, greedy 0.180.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import random
 import shutil
 import tempfile
 import time
@@ -42,13 +51,27 @@ TRAIN_SEED, HELDOUT_SEED = 0, 1
 TEMPLATES = ("dapo", "boxed")  # the model learns both; the GRPO configs use 'dapo'
 
 
-def render(problems: list[synthetic.SyntheticProblem], tok: hf.Tokenizer,
+def demonstrations(problems: list[synthetic.SyntheticProblem], guess_fraction: float, guess_accuracy: float,
+                   seed: int) -> list[str]:
+    """The teacher's completions: worked R1-style solutions, except that a `guess_fraction` of them
+    skip the reasoning and guess, right with probability `guess_accuracy` (otherwise a nearby wrong
+    value). The choice does not depend on the problem, so the model learns to guess at that rate."""
+    rng = random.Random(f"demonstrations:{seed}")
+    out = []
+    for p in problems:
+        if rng.random() >= guess_fraction:
+            out.append(p.r1_solution())
+        else:
+            out.append(p.r1_guess(p.answer if rng.random() < guess_accuracy else synthetic.wrong_answer(p.answer, rng)))
+    return out
+
+
+def render(problems: list[synthetic.SyntheticProblem], solutions: list[str], tok: hf.Tokenizer,
            templates: tuple[str, ...] = TEMPLATES) -> list[tuple[str, str]]:
     """(prompt, completion) texts, templates in turn; the prompt ends with the chat template's `<think>\\n`."""
     out = []
-    for i, p in enumerate(problems):
+    for i, (p, solution) in enumerate(zip(problems, solutions)):
         prompt = prompts.build_prompt(p.problem, tok, templates[i % len(templates)])
-        solution = p.r1_solution()
         if not (prompt.endswith(THINK) and solution.startswith(THINK)):
             raise ValueError("the chat template's generation prompt must end with '<think>\\n'")
         out.append((prompt, solution[len(THINK):]))
@@ -65,7 +88,7 @@ def heldout_accuracy(path: Path, problems: list[synthetic.SyntheticProblem], tem
     sampler = rollout.Sampler(model, rollout.SamplingConfig(max_new_tokens, temperature), pad_id=tok.pad_id,
                               stop_tokens=[tok.eos_id])
     flat = [i for i in range(len(problems)) for _ in range(samples)]
-    rewards, lengths = np.zeros(len(flat)), np.zeros(len(flat))
+    rewards, lengths, guesses = np.zeros(len(flat)), np.zeros(len(flat)), np.zeros(len(flat))
     start = time.perf_counter()
     for b in range(0, len(flat), rows):
         chunk = flat[b:b + rows]
@@ -76,30 +99,36 @@ def heldout_accuracy(path: Path, problems: list[synthetic.SyntheticProblem], tem
         texts = [tok.decode(out.tokens[r][:out.lengths[r]], skip_special_tokens=True) for r in range(len(chunk))]
         rewards[b:b + len(chunk)] = math_reward(texts, [problems[i].answer for i in chunk])
         lengths[b:b + len(chunk)] = out.lengths[:len(chunk)]
+        guesses[b:b + len(chunk)] = [t.lstrip().startswith(synthetic.GUESS_OPENING) for t in texts]
     seconds = time.perf_counter() - start
     per_problem = rewards.reshape(len(problems), samples)
     by_kind = collections.defaultdict(list)
     for p, acc in zip(problems, per_problem.mean(1)):
         by_kind[f"{p.kind}/{p.level}"].append(acc)
     return {"avg@1": float(per_problem.mean()), f"pass@{samples}": float(per_problem.max(1).mean()),
-            "mean_length": float(lengths.mean()), "seconds": seconds, "sample_text": texts[0],
+            "mean_length": float(lengths.mean()), "guess_rate": float(guesses.mean()),
+            "guess_accuracy": float(rewards[guesses == 1].mean()) if guesses.any() else 0.0,
+            "worked_accuracy": float(rewards[guesses == 0].mean()) if not guesses.all() else 0.0, "seconds": seconds, "sample_text": texts[0],
             "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="assets/tiny-r1", help="HF directory to write (overwritten)")
-    parser.add_argument("--train_problems", type=int, default=20000)
+    parser.add_argument("--train_problems", type=int, default=40000)
     parser.add_argument("--heldout_problems", type=int, default=256)
     parser.add_argument("--vocab_size", type=int, default=768)
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--intermediate_size", type=int, default=384)
     parser.add_argument("--num_layers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch_size", type=int, default=16, help="packed rows of 256 tokens per step")
     parser.add_argument("--learning_rate", type=float, default=3e-3)
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--levels", default=",".join(map(str, LEVELS)))
+    parser.add_argument("--guess_fraction", type=float, default=0.6,
+                        help="fraction of demonstrations that guess instead of working the problem")
+    parser.add_argument("--guess_accuracy", type=float, default=0.2, help="how often a demonstrated guess is right")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_eval", action="store_true")
     args = parser.parse_args(argv)
@@ -111,7 +140,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bootstrap = hf.Tokenizer(tiny.build_r1_tokenizer(work, [tiny.EOS]))  # renders the chat template
-        pairs = render(train_problems, bootstrap)
+        solutions = demonstrations(train_problems, args.guess_fraction, args.guess_accuracy, args.seed)
+        pairs = render(train_problems, solutions, bootstrap)
         tiny.build_r1_tokenizer(work, [p + c + tiny.EOS for p, c in pairs], args.vocab_size)
         tok = hf.Tokenizer(work)
         examples = [(tok.encode(p), tok.encode(c) + [tok.eos_id]) for p, c in pairs]
@@ -147,7 +177,8 @@ def main(argv=None) -> None:
                 results[template] = (r, g)
                 print(f"[{template}] {len(heldout)} held-out problems, temperature 1: avg@1 {r['avg@1']:.3f} "
                       f"pass@8 {r['pass@8']:.3f} (mean length {r['mean_length']:.0f} tokens, "
-                      f"{r['seconds']:.1f}s); greedy {g['avg@1']:.3f}")
+                      f"{r['seconds']:.1f}s); greedy {g['avg@1']:.3f}; guesses {r['guess_rate']:.2f} of samples "
+                      f"(accuracy {r['guess_accuracy']:.3f}; worked {r['worked_accuracy']:.3f})")
                 print("  by kind (avg@1):", " ".join(f"{k} {v:.2f}" for k, v in r["by_kind"].items()))
                 print("  sample:", repr(r["sample_text"]))
         out = Path(args.out)
