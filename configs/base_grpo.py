@@ -53,14 +53,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         updates_per_batch=1,
         micro_batch_size=128 if tiny else 8,  # sequences per forward/backward (gradient accumulation)
         max_prompt_tokens=512,
-        max_new_tokens=48 if tiny else 16384,
+        max_new_tokens=64 if tiny else 16384,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=5e-4 if tiny else 1e-5,
+        learning_rate=1e-3 if tiny else 1e-5,
         schedule="constant",
         warmup_steps=0,
         weight_decay=0.0,
@@ -94,8 +94,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
     c.reward_workers = 2
 
-    c.steps = 100 if tiny else 1024
-    c.eval_every = 50 if tiny else 64
-    c.checkpoint_every = 50 if tiny else 64
+    c.steps = 60 if tiny else 1024
+    c.eval_every = 20 if tiny else 64
+    c.checkpoint_every = 20 if tiny else 64
     c.log_every = 1
     return c

@@ -6,7 +6,7 @@
   launch/tpu_pod.sh NAME ZONE configs/grpo_dora.py gs://BUCKET/runs/dora     # every host of a TPU pod
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
@@ -18,6 +18,8 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initial
 
 def main(argv) -> None:
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 shows it
     c = _CONFIG.value
     if c is None:
         raise app.UsageError("--config=configs/<file>.py[:tiny] is required")
