@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+
+from jaxrl_peft.infra import mesh as mesh_lib
 
 
 class Checkpointer:
@@ -27,8 +30,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        """`data_state` is this host's iterator state; every host's is saved (one list, process order)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": _gather_json(data_state)}),
             meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
@@ -37,10 +41,26 @@ class Checkpointer:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-        return out["state"], out["data"], out["meta"]
+        hosts = out["data"]["hosts"]
+        if len(hosts) != jax.process_count():
+            raise ValueError(f"{self.dir}/{step}: written by {len(hosts)} host(s); resuming it needs the same "
+                             f"number of JAX processes, not {jax.process_count()}")
+        return out["state"], hosts[jax.process_index()], out["meta"]
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _gather_json(obj: Any) -> list:
+    """Every host's JSON-serialisable `obj`, in process order."""
+    if jax.process_count() == 1:
+        return [obj]
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = mesh_lib.gather_hosts(raw.size)
+    buf = np.zeros((1, int(sizes.max())), np.uint8)
+    buf[0, :raw.size] = raw
+    every = mesh_lib.gather_hosts(buf)
+    return [json.loads(bytes(row[:n])) for row, n in zip(every, sizes)]
 
 
 def save_config(workdir: str | os.PathLike, config: Any) -> Path:

@@ -69,3 +69,31 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+# ---------------------------------------------------------------------------- host <-> global batches
+# With several JAX processes (hosts of a pod) each host holds only its own rows of a batch. These three
+# helpers are the only crossing points; with one process they are device_put, device_get and identity.
+
+def host_batch(local: Any, mesh: Mesh) -> jax.Array:
+    """This host's rows [b, ...] -> the global batch [b * hosts, ...] sharded over ('data', 'fsdp')."""
+    local = np.asarray(local)
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, max(local.ndim, 1)), local)
+
+
+def local_rows(batch: jax.Array, mesh: Mesh) -> np.ndarray:
+    """The rows of a global batch that `host_batch` took from this host, as numpy."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(batch))
+    from jax.experimental import multihost_utils
+    spec = P(("data", "fsdp"), *([None] * (batch.ndim - 1)))
+    return np.asarray(multihost_utils.global_array_to_host_local_array(batch, mesh, spec))
+
+
+def gather_hosts(local: Any) -> np.ndarray:
+    """Every host's `local` array (or scalar), concatenated along axis 0 in process order."""
+    local = np.atleast_1d(np.asarray(local))
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True))

@@ -48,12 +48,12 @@ class Experience:
 
 
 def build_experience(prompt_ids: Sequence[Sequence[int]], out: rollout.Rollout, advantages: np.ndarray,
-                     pad_id: int, bucket: int = 32) -> Experience:
+                     pad_id: int, bucket: int = 32, width: int | None = None) -> Experience:
     """Lays each (prompt, completion) pair out from position 0; pads the length up to a multiple of
-    `bucket` so that few shapes are compiled."""
+    `bucket` so that few shapes are compiled (or to `width`, which every host of a pod must share)."""
     lengths = np.asarray(out.lengths)
-    total = max(len(p) + int(n) for p, n in zip(prompt_ids, lengths))
-    width = -(-total // bucket) * bucket
+    if width is None:
+        width = experience_width(prompt_ids, lengths, bucket)
     b = len(prompt_ids)
     tokens = np.full((b, width), pad_id, np.int32)
     loss_mask = np.zeros((b, width - 1), np.float32)
@@ -61,11 +61,19 @@ def build_experience(prompt_ids: Sequence[Sequence[int]], out: rollout.Rollout, 
     gen_tokens, gen_logp = np.asarray(out.tokens), np.asarray(out.logprobs)
     for i, (p, n) in enumerate(zip(prompt_ids, lengths)):
         n = int(n)
+        if len(p) + n > width:
+            raise ValueError(f"sequence {i} has {len(p) + n} tokens, more than the width {width}")
         tokens[i, :len(p)] = p
         tokens[i, len(p):len(p) + n] = gen_tokens[i, :n]
         loss_mask[i, len(p) - 1:len(p) - 1 + n] = 1.0  # position t predicts token t+1
         sampler_logp[i, len(p) - 1:len(p) - 1 + n] = gen_logp[i, :n]
-    return Experience(tokens, loss_mask, sampler_logp, advantages.astype(np.float32))
+    return Experience(tokens, loss_mask, sampler_logp, np.asarray(advantages, np.float32))
+
+
+def experience_width(prompt_ids: Sequence[Sequence[int]], lengths: Sequence[int], bucket: int = 32) -> int:
+    """The smallest multiple of `bucket` that holds every prompt + completion (at least `bucket`)."""
+    total = max((len(p) + int(n) for p, n in zip(prompt_ids, lengths)), default=1)
+    return -(-total // bucket) * bucket
 
 
 def completion_texts(tokenizer: hf.Tokenizer, out: rollout.Rollout) -> list[str]:
@@ -135,10 +143,12 @@ class Learner:
         return ids, cut
 
     def sample(self, adapter: Any, prompt_ids: list[list[int]], key: Array) -> rollout.Rollout:
-        longest = max(len(p) for p in prompt_ids)
+        """Completions of this host's prompts (every host passes the same number), as numpy."""
+        longest = int(mesh_lib.gather_hosts(max(len(p) for p in prompt_ids)).max())
         width = -(-longest // 16) * 16  # a few padded widths, so a few compilations
         tokens, mask = rollout.left_pad(prompt_ids, self.tokenizer.pad_id, length=width)
-        return self.sampler({"params": self.params, "adapter": adapter}, tokens, mask, key)
+        out = self.sampler({"params": self.params, "adapter": adapter}, tokens, mask, key)
+        return rollout.Rollout(*(mesh_lib.local_rows(x, self.mesh) for x in out))
 
     def _grad_fn(self, adapter, params, ref_adapter, tokens, loss_mask, sampler_logp, advantages, old_logp,
                  total_tokens, total_seqs, share, with_old: bool):
@@ -174,31 +184,34 @@ class Learner:
         return optax.apply_updates(adapter, updates), opt_state, norm
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """One or more optimizer updates over the experience, in micro-batches (gradient accumulation)."""
+        """One or more optimizer updates over the experience, in micro-batches (gradient accumulation).
+
+        `exp` holds this host's sequences (any number, possibly none; the same width on every host);
+        the gradient is over the global batch of all hosts."""
         rl = self.c.rl
-        b = exp.tokens.shape[0]
-        micro = min(rl.micro_batch_size, b)
-        pad = -b % micro
+        counts = mesh_lib.gather_hosts(exp.tokens.shape[0])
+        rows = int(counts.max())
+        micro = max(1, min(rl.micro_batch_size // jax.process_count(), rows))
+        pad = -(-rows // micro) * micro - exp.tokens.shape[0]
         arrays = [exp.tokens, exp.loss_mask, exp.sampler_logp, exp.advantages]
         arrays = [np.concatenate([a, np.zeros((pad,) + a.shape[1:], a.dtype)]) for a in arrays]
-        total_tokens = jnp.float32(exp.loss_mask.sum())
-        total_seqs = jnp.float32(b)
-        batch_sharding = mesh_lib.batch_sharding(self.mesh, 2)
+        n_rows = arrays[0].shape[0]
+        total_tokens = jnp.float32(mesh_lib.gather_hosts(exp.loss_mask.sum()).sum())
+        total_seqs = jnp.float32(counts.sum())
+        put = functools.partial(mesh_lib.host_batch, mesh=self.mesh)
         old_logp = None
         if rl.updates_per_batch > 1:
-            old_logp = np.concatenate([np.asarray(self._logp(self.adapter, self.params, arrays[0][i:i + micro]))
-                                       for i in range(0, b + pad, micro)])
+            old_logp = np.concatenate([mesh_lib.local_rows(self._logp(self.adapter, self.params, put(arrays[0][i:i + micro])),
+                                                           self.mesh) for i in range(0, n_rows, micro)])
         out: dict[str, float] = {}
         for _ in range(rl.updates_per_batch):
             grads, sums, loss = None, {}, 0.0
-            for i in range(0, b + pad, micro):
+            for i in range(0, n_rows, micro):
                 sl = slice(i, i + micro)
-                put = functools.partial(jax.device_put, device=batch_sharding)
                 old = put(old_logp[sl]) if old_logp is not None else put(arrays[2][sl])
                 l, m, g = self._grad(self.adapter, self.params, self.ref_adapter, put(arrays[0][sl]),
-                                     put(arrays[1][sl]), put(arrays[2][sl]),
-                                     jax.device_put(arrays[3][sl], mesh_lib.batch_sharding(self.mesh, 1)), old,
-                                     total_tokens, total_seqs, jnp.float32(micro / (b + pad)),
+                                     put(arrays[1][sl]), put(arrays[2][sl]), put(arrays[3][sl]), old,
+                                     total_tokens, total_seqs, jnp.float32(micro / n_rows),
                                      with_old=old_logp is not None)
                 grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
                 loss += float(l)
@@ -214,6 +227,46 @@ class Learner:
             out = {"loss": loss, "grad_norm": gnorm, **{k: v / n for k, v in sums.items()}}
         return out
 
+    def train_step(self, problems: Sequence[str], golds: Sequence[str], key: Array) -> dict[str, float]:
+        """One RL step on this host's prompts (`problems`, each already repeated group_size times in a
+        row): sample, grade, advantages, filter, update. Returns the step's metrics over all hosts."""
+        rl = self.c.rl
+        t0 = time.perf_counter()
+        ids, truncated_prompts = self.prompt_ids(problems)
+        out = self.sample(self.adapter, ids, key)
+        t1 = time.perf_counter()
+        texts = completion_texts(self.tokenizer, out)
+        correct = np.asarray(self.rewards(texts, golds), np.float32)
+        rewards = correct + np.asarray(losses.overlong_penalty(
+            out.lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty))
+        adv = np.asarray(losses.group_advantages(jnp.asarray(rewards), rl.group_size, scale=rl.scale_rewards))
+        keep = (np.asarray(losses.informative_groups(jnp.asarray(rewards), rl.group_size))
+                if rl.dynamic_sampling else np.ones(len(rewards), bool))
+        t2 = time.perf_counter()
+        m: dict[str, float] = {}
+        kept = np.flatnonzero(keep)
+        if mesh_lib.gather_hosts(len(kept)).sum():
+            kept_ids = [ids[i] for i in kept]
+            width = int(mesh_lib.gather_hosts(experience_width(kept_ids, out.lengths[kept])).max())
+            exp = build_experience(kept_ids, jax.tree.map(lambda x: x[kept], out), adv[kept],
+                                   self.tokenizer.pad_id, width=width)
+            m = self.update(exp)
+        t3 = time.perf_counter()
+        lengths = mesh_lib.gather_hosts(out.lengths)
+        m.update({
+            "reward": float(mesh_lib.gather_hosts(rewards).mean()),
+            "accuracy": float(mesh_lib.gather_hosts(correct).mean()),
+            "response_length": float(lengths.mean()),
+            "truncation_rate": float(np.mean(~mesh_lib.gather_hosts(out.finished))),
+            "kept_fraction": float(mesh_lib.gather_hosts(keep).mean()),
+            "truncated_prompts": int(mesh_lib.gather_hosts(truncated_prompts).sum()),
+            "learning_rate": float(self._schedule()(self.step)),
+            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
+            "tokens_per_s": float(lengths.sum()) / (t3 - t0),
+        })
+        self.step += 1
+        return m
+
     @functools.cached_property
     def _logp(self):
         return jax.jit(lambda adapter, params, tokens: tfm.token_logprobs(
@@ -221,17 +274,24 @@ class Learner:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, records: Sequence[dict[str, str]], samples: int, key: Array) -> float:
-        """Mean reward of `samples` completions per held-out problem (same key -> same problems, draws)."""
+        """Mean reward of `samples` completions per held-out problem (same key -> same problems, draws).
+        Each host grades its share of the rows."""
         ids, _ = self.prompt_ids([r["problem"] for r in records])
         ids = [p for p in ids for _ in range(samples)]
         golds = [r["answer"] for r in records for _ in range(samples)]
-        accs = []
-        bs = self.c.eval.batch_size
-        for i in range(0, len(ids), bs):
-            out = jax.device_get(self.sample(self.adapter, ids[i:i + bs], jax.random.fold_in(key, i)))
-            texts = completion_texts(self.tokenizer, out)
-            accs.extend(self.rewards(texts, golds[i:i + bs]))
-        return float(np.mean(accs))
+        hosts, me = jax.process_count(), jax.process_index()
+        bs = max(1, self.c.eval.batch_size // hosts)
+        per_host = -(-len(ids) // (hosts * bs)) * bs  # whole batches of bs rows on every host
+        mine = list(range(me * per_host, min(len(ids), (me + 1) * per_host)))
+        rows = mine + [0] * (per_host - len(mine))  # filler rows (not counted) keep the batch shape
+        correct = 0.0
+        for i in range(0, per_host, bs):
+            batch = rows[i:i + bs]
+            out = self.sample(self.adapter, [ids[r] for r in batch], jax.random.fold_in(key, i))
+            counted = min(len(batch), max(0, len(mine) - i))
+            texts = completion_texts(self.tokenizer, out)[:counted]
+            correct += float(np.sum(self.rewards(texts, [golds[r] for r in batch[:counted]])))
+        return float(mesh_lib.gather_hosts(correct).sum()) / len(ids)
 
     def close(self) -> None:
         self.rewards.close()
@@ -261,9 +321,9 @@ def train(c: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]
     learner = Learner(c)
     rl = c.rl
     seed_key = jax.random.key(c.seed)
-    if rl.prompts_per_step % jax.process_count():
-        raise ValueError(f"config rl.prompts_per_step={rl.prompts_per_step} must divide evenly over "
-                         f"{jax.process_count()} hosts")
+    for name in ("prompts_per_step", "micro_batch_size"):
+        if rl[name] % jax.process_count():
+            raise ValueError(f"config rl.{name}={rl[name]} must divide evenly over {jax.process_count()} hosts")
     per_host = rl.prompts_per_step // jax.process_count()  # each host reads its own shard
     dataset = pipeline.math_dataset(train_records(c), per_host, seed=c.seed, shuffle=c.data.shuffle)
     checkpointer = ckpt_lib.Checkpointer(workdir)
@@ -291,42 +351,14 @@ def train(c: ml_collections.ConfigDict, workdir: str | None) -> dict[str, float]
     try:
         while learner.step < c.steps:
             step = learner.step + 1
-            t0 = time.perf_counter()
             batch = next(it)
             problems = [p for p in batch["problem"] for _ in range(rl.group_size)]
             golds = [a for a in batch["answer"] for _ in range(rl.group_size)]
-            ids, truncated_prompts = learner.prompt_ids(problems)
-            out = jax.device_get(learner.sample(learner.adapter, ids,
-                                                jax.random.fold_in(jax.random.fold_in(seed_key, _ROLLOUT), step)))
-            t1 = time.perf_counter()
-            texts = completion_texts(learner.tokenizer, out)
-            correct = np.asarray(learner.rewards(texts, golds), np.float32)
-            rewards = correct + np.asarray(losses.overlong_penalty(
-                out.lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty))
-            adv = np.asarray(losses.group_advantages(jnp.asarray(rewards), rl.group_size, scale=rl.scale_rewards))
-            keep = (np.asarray(losses.informative_groups(jnp.asarray(rewards), rl.group_size))
-                    if rl.dynamic_sampling else np.ones(len(rewards), bool))
-            t2 = time.perf_counter()
-            m: dict[str, float] = {}
-            if keep.any():
-                exp = build_experience([ids[i] for i in np.flatnonzero(keep)],
-                                       jax.tree.map(lambda x: x[keep], out), adv[keep], learner.tokenizer.pad_id)
-                m = learner.update(exp)
-            t3 = time.perf_counter()
-            lengths = np.asarray(out.lengths)
-            m.update({
-                "reward": float(rewards.mean()), "accuracy": float(correct.mean()),
-                "response_length": float(lengths.mean()), "truncation_rate": float(np.mean(~np.asarray(out.finished))),
-                "kept_fraction": float(keep.mean()), "truncated_prompts": truncated_prompts,
-                "learning_rate": float(learner._schedule()(learner.step)),
-                "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
-                "tokens_per_s": float(lengths.sum()) / (t3 - t0),
-            })
-            learner.step = step
+            m = learner.train_step(problems, golds, jax.random.fold_in(jax.random.fold_in(seed_key, _ROLLOUT), step))
             if c.eval_every and step % c.eval_every == 0 and step != c.steps:
                 m["heldout_accuracy"] = learner.evaluate(heldout, c.eval.samples, eval_key)
             writer.write(step, m)
-            if step % c.log_every == 0:
+            if step % c.log_every == 0 and jax.process_index() == 0:
                 progress(step, m)
             if step % c.checkpoint_every == 0 or step == c.steps:
                 checkpointer.save(step, {"adapter": learner.adapter, "opt": learner.opt_state,

@@ -157,9 +157,13 @@ class Sampler:
                  stop_tokens: Array | None = None, budgets: Array | None = None,
                  row_ids: Array | None = None) -> Rollout:
         """stop_tokens: [B, S] per-row stop ids (pad with -1), default the sampler's list for every row;
-        budgets: [B] per-row maximum new tokens (<= max_new_tokens); row_ids: [B] RNG stream per row."""
-        prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
-        prompt_mask = jnp.asarray(prompt_mask, jnp.bool_)
+        budgets: [B] per-row maximum new tokens (<= max_new_tokens); row_ids: [B] RNG stream per row
+        (default: the row's index in the global batch).
+
+        With a mesh, the arguments are this host's rows (every host calls with the same number of rows;
+        with one process, all rows) and the returned arrays are the global batch, sharded over the
+        batch axes: `mesh.local_rows` gives this host's rows back."""
+        prompt_tokens, prompt_mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.bool_)
         if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
             raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
                              "must both be [batch, prompt_len]")
@@ -167,12 +171,16 @@ class Sampler:
         n = self.sampling.max_new_tokens
         if stop_tokens is None:
             stop_tokens = np.tile(np.asarray(self.stop_tokens or (-1,), np.int32), (b, 1))
-        stop_tokens = jnp.asarray(stop_tokens, jnp.int32).reshape(b, -1)
-        budgets = jnp.full((b,), n, jnp.int32) if budgets is None else jnp.minimum(jnp.asarray(budgets, jnp.int32), n)
-        row_ids = jnp.arange(b, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
+        stop_tokens = np.asarray(stop_tokens, np.int32).reshape(b, -1)
+        budgets = np.full((b,), n, np.int32) if budgets is None else np.minimum(np.asarray(budgets, np.int32), n)
+        offset = jax.process_index() * b if self.mesh is not None else 0
+        row_ids = offset + np.arange(b, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
+        inputs = (prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
         if self.mesh is not None:
-            shard = functools.partial(jax.device_put, device=mesh_lib.batch_sharding(self.mesh, 2))
-            prompt_tokens, prompt_mask = shard(prompt_tokens), shard(prompt_mask)
+            inputs = tuple(mesh_lib.host_batch(x, self.mesh) for x in inputs)
+        else:
+            inputs = tuple(jnp.asarray(x) for x in inputs)
+        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids = inputs
         cache, logits, kv_mask = self._prefill(variables, prompt_tokens, prompt_mask)
         prompt_lens = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
         return self._decode(variables, cache, logits, kv_mask, prompt_lens, key, stop_tokens, budgets, row_ids)
