@@ -108,7 +108,8 @@ def heldout_accuracy(path: Path, problems: list[synthetic.SyntheticProblem], tem
     return {"avg@1": float(per_problem.mean()), f"pass@{samples}": float(per_problem.max(1).mean()),
             "mean_length": float(lengths.mean()), "guess_rate": float(guesses.mean()),
             "guess_accuracy": float(rewards[guesses == 1].mean()) if guesses.any() else 0.0,
-            "worked_accuracy": float(rewards[guesses == 0].mean()) if not guesses.all() else 0.0, "seconds": seconds, "sample_text": texts[0],
+            "worked_accuracy": float(rewards[guesses == 0].mean()) if not guesses.all() else 0.0,
+            "seconds": seconds, "sample_text": texts[0],
             "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
 
 

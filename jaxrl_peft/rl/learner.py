@@ -201,8 +201,9 @@ class Learner:
         put = functools.partial(mesh_lib.host_batch, mesh=self.mesh)
         old_logp = None
         if rl.updates_per_batch > 1:
-            old_logp = np.concatenate([mesh_lib.local_rows(self._logp(self.adapter, self.params, put(arrays[0][i:i + micro])),
-                                                           self.mesh) for i in range(0, n_rows, micro)])
+            old_logp = np.concatenate([
+                mesh_lib.local_rows(self._logp(self.adapter, self.params, put(arrays[0][i:i + micro])), self.mesh)
+                for i in range(0, n_rows, micro)])
         out: dict[str, float] = {}
         for _ in range(rl.updates_per_batch):
             grads, sums, loss = None, {}, 0.0

@@ -50,9 +50,12 @@ def test_build_experience_layout():
     assert exp.sampler_logp.tolist() == [[0, 0, -1, -2, 0, 0, 0]]
 
 
-def test_sharded_update_equals_single_device(checkpoint):
-    single = learner_lib.Learner(_config(checkpoint), mesh=mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
-    sharded = learner_lib.Learner(_config(checkpoint), mesh=mesh_lib.make_mesh(2, 2, 2))
+@pytest.mark.parametrize("updates", [1, 2])  # 2: old log-probs recomputed, then two clipped updates
+def test_sharded_update_equals_single_device(checkpoint, updates):
+    c = _config(checkpoint)
+    c.rl.updates_per_batch = updates
+    single = learner_lib.Learner(c, mesh=mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
+    sharded = learner_lib.Learner(c, mesh=mesh_lib.make_mesh(2, 2, 2))
     try:
         for lrn in (single, sharded):
             for s in range(2):
