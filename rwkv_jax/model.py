@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_peft.models import safetensors_io
 from jaxrl_peft.models.layers import LayerNorm, Linear, adapted_gain
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.rl.rollout import SamplingConfig, sample_tokens
@@ -431,12 +432,10 @@ def _read_pth(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: str) -> tuple[dict[str, np.ndarray], str]:
-    from safetensors.numpy import load_file
-
     file = os.path.join(path, SAFETENSORS_FILE) if os.path.isdir(path) else path
     if not os.path.exists(file):
         raise FileNotFoundError(f"{path}: no {SAFETENSORS_FILE} found")
-    return load_file(file), file
+    return safetensors_io.SafetensorsFile(file).load_all(), file
 
 
 def read_checkpoint(path: str) -> tuple[RWKV7Config, dict[str, np.ndarray]]:
@@ -594,12 +593,10 @@ def load(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None
 
 def convert_pth_to_safetensors(src: str, dst: str) -> RWKV7Config:
     """Writes `dst/model.safetensors` (official names, original dtypes) and `dst/config.json`."""
-    from safetensors.numpy import save_file
-
     config, tensors = read_checkpoint(src)
     os.makedirs(dst, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              os.path.join(dst, SAFETENSORS_FILE), metadata={"format": "rwkv7-x070"})
+    safetensors_io.save_safetensors(os.path.join(dst, SAFETENSORS_FILE), tensors,
+                                    metadata={"format": "rwkv7-x070"})
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
         json.dump({"architecture": "rwkv7-x070", **config.arch_dict()}, f, indent=2)
     return config

@@ -9,134 +9,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import transformer as tfm
+from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex, save_safetensors
 from jaxrl_peft.peft.registry import nest
 
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 _ARCHS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
 _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk does not match what the model expects."""
-
-
-# ---------------------------------------------------------------------------------------------
-# safetensors, read lazily through a memory map
-
-class SafetensorsFile:
-    """Random access to the tensors of one .safetensors file without reading the whole file."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
-        try:
-            with open(self.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
-        self.metadata = header.pop("__metadata__", {}) or {}
-        self.header = header
-        self._offset = 8 + n
-        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-
-    def keys(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
-
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only numpy view into the mapped file."""
-        info = self.header[name]
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        raw = self._mmap[self._offset + start:self._offset + end]
-        return raw.view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def save_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
-                     metadata: dict[str, str] | None = None) -> None:
-    """Writes numpy arrays (bf16 via ml_dtypes included) as one .safetensors file."""
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    arrays = []
-    for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
-        if arr.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-        arrays.append(arr)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
-    os.replace(tmp, path)
-
-
-class TensorIndex:
-    """Every tensor of a checkpoint directory, single-file or sharded (model.safetensors.index.json)."""
-
-    def __init__(self, directory: str | os.PathLike):
-        self.dir = Path(directory)
-        index = self.dir / "model.safetensors.index.json"
-        single = self.dir / "model.safetensors"
-        self._files: dict[str, SafetensorsFile] = {}
-        self.where: dict[str, str] = {}
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object ({e})") from e
-            for name, fname in weight_map.items():
-                if not (self.dir / fname).exists():
-                    raise CheckpointError(f"{index} maps tensor {name!r} to {fname}, which does not exist")
-                self.where[name] = fname
-        elif single.exists():
-            f = self._file(single.name)
-            self.where = {k: single.name for k in f.keys()}
-        else:
-            raise CheckpointError(f"{self.dir}: no model.safetensors or model.safetensors.index.json")
-
-    def _file(self, fname: str) -> SafetensorsFile:
-        if fname not in self._files:
-            self._files[fname] = SafetensorsFile(self.dir / fname)
-        return self._files[fname]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> np.ndarray:
-        f = self._file(self.where[name])
-        if name not in f.header:
-            raise CheckpointError(f"{f.path}: tensor {name!r} is listed in the index but not in the file")
-        return f.get(name)
-
-    def file_of(self, name: str) -> str:
-        return str(self.dir / self.where[name])
 
 
 # ---------------------------------------------------------------------------------------------

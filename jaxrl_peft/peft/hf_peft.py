@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrl_peft.models import hf
+from jaxrl_peft.models import hf, safetensors_io
 from jaxrl_peft.models import transformer as tfm
 from jaxrl_peft.peft import registry
 from jaxrl_peft.peft.base import PeftMethod
@@ -87,7 +87,7 @@ def save_adapter(path: str | os.PathLike, method: PeftMethod, params: dict, adap
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    hf.save_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    safetensors_io.save_safetensors(path / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
 
 
 def _match_targets(cfg: dict, params: dict, source: str) -> tuple[str, ...]:
@@ -170,7 +170,7 @@ def load_adapter(path: str | os.PathLike, model_cfg: tfm.TransformerConfig, para
         raise ValueError(f"params hold {layers} layers but the model config says {model_cfg.num_layers}")
     method = method_from_hf_config(cfg, _match_targets(cfg, params, str(cfg_file)), str(cfg_file)).prepare(params)
     new_params, init = registry.init_adapter(method, jax.random.key(0), params)
-    st = hf.SafetensorsFile(weights)
+    st = safetensors_io.SafetensorsFile(weights)
     names = set(st.keys())
     # Model-level tensors (e.g. 'base_model.vera_A') are handed to every module under their last name part.
     shared = {k.rsplit(".", 1)[-1]: st.get(k) for k in names if k.count(".") == 1}

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxrl_peft.infra import mesh as mesh_lib  # noqa: E402
-from jaxrl_peft.models import hf, transformer as tfm  # noqa: E402
+from jaxrl_peft.models import hf, safetensors_io, transformer as tfm  # noqa: E402
 
 VOCAB = 128
 
@@ -146,17 +146,17 @@ def test_save_loads_in_transformers(tmp_path):
 def test_bad_checkpoints_fail_clearly(tmp_path):
     ref = make_hf("qwen2")
     ref.save_pretrained(tmp_path)
-    st = hf.SafetensorsFile(tmp_path / "model.safetensors")
+    st = safetensors_io.SafetensorsFile(tmp_path / "model.safetensors")
     tensors = {k: np.array(st.get(k)) for k in st.keys()}
     del st
     missing = dict(tensors)
     del missing["model.layers.1.mlp.up_proj.weight"]
-    hf.save_safetensors(tmp_path / "model.safetensors", missing)
+    safetensors_io.save_safetensors(tmp_path / "model.safetensors", missing)
     with pytest.raises(hf.CheckpointError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
         hf.load(tmp_path)
     bad = dict(tensors)
     bad["model.layers.0.self_attn.k_proj.weight"] = np.zeros((3, 64), np.float32)
-    hf.save_safetensors(tmp_path / "model.safetensors", bad)
+    safetensors_io.save_safetensors(tmp_path / "model.safetensors", bad)
     with pytest.raises(hf.CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn"
                                                  r"\.k_proj\.weight' has shape \(3, 64\), expected \(32, 64\)"):
         hf.load(tmp_path)
