@@ -18,6 +18,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         raise ValueError(f"config argument must be '' (the paper's setting) or 'tiny', got {arg!r}")
     tiny = arg == "tiny"
     c = ml_collections.ConfigDict()
+    c.task = "grpo"  # launch/train.py runs jaxrl_peft.rl.grpo.GRPOTask on the training core
     c.seed = 42
 
     # A local HF directory (config.json + safetensors + tokenizer) or a hub id the user has downloaded.
@@ -68,6 +69,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         b2=0.999,
         eps=1e-8,
         grad_clip=1.0,
+        decay="all",  # 'all' or 'matrices' (no weight decay on gains and biases)
+        end_learning_rate=0.0,  # where the cosine schedule ends
         loraplus_ratio=2.0,  # LoRA+ only: lr of the B group = ratio x lr (the study: 2.0)
     ))
 

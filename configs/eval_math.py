@@ -41,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.default_k = 4  # for benchmarks not listed in `k` (files)
     c.limit = 16 if tiny else 0  # first `limit` problems of each benchmark (0: all)
     c.data_dir = ""  # the benchmark files' directory (default: the repo's data/benchmarks)
-    # The tiny GRPO run's held-out stream (jaxrl_peft.rl.learner.heldout_records).
+    # The tiny GRPO run's held-out stream (jaxrl_peft.rl.grpo.heldout_records).
     c.synthetic = ml_collections.ConfigDict(dict(
         num_problems=64, seed=train.data.synthetic_seed + 1_000_003,
         kinds=tuple(train.data.synthetic_kinds), levels=tuple(train.data.synthetic_levels),

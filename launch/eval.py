@@ -1,13 +1,16 @@
 """avg@k / pass@k on math benchmarks: prints a markdown table, writes per-problem results as JSON.
 
   python launch/eval.py --config=configs/eval_math.py:tiny --checkpoint=assets/tiny-r1
-  python launch/eval.py --config=configs/eval_math.py --checkpoint=PATH --output=results.json
+  python launch/eval.py --config=configs/eval_math.py --checkpoint=PATH --workdir=runs/eval_base
   python launch/eval.py --config=configs/eval_math.py --checkpoint=BASE --adapter=ADAPTER_DIR --config.limit=50
 
 --checkpoint is an HF directory (a base or merged model); --adapter an HF PEFT adapter directory.
+Results go to WORKDIR/eval_results.json (default workdir: runs/eval); nothing is written to the
+current directory. --output=FILE names the JSON file instead ('' : none).
 """
 
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -15,7 +18,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval_math.py[:tiny]", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (default: config.checkpoint)")
 _ADAPTER = flags.DEFINE_string("adapter", None, "HF PEFT adapter directory (default: config.adapter)")
-_OUTPUT = flags.DEFINE_string("output", "eval_results.json", "JSON file for the per-problem results ('' : none)")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/eval", "directory for eval_results.json and the resolved config")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file for the per-problem results (default: "
+                              "WORKDIR/eval_results.json; '' : none)")
 
 
 def main(argv) -> None:
@@ -25,14 +30,17 @@ def main(argv) -> None:
         raise app.UsageError("--config=configs/eval_math.py[:tiny] is required")
     from jaxrl_peft.eval import math_eval
 
+    output = _OUTPUT.value
+    if output is None:
+        output = str(Path(_WORKDIR.value) / "eval_results.json")
     try:
-        results = math_eval.run(c, _CHECKPOINT.value, _ADAPTER.value, _OUTPUT.value)
+        results = math_eval.run(c, _CHECKPOINT.value, _ADAPTER.value, output)
     except math_eval.InputError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(results.table())
-    if _OUTPUT.value:
-        print(f"\nper-problem results: {_OUTPUT.value}  ({results.generated_tokens:,} tokens generated in "
+    if output:
+        print(f"\nper-problem results: {output}  ({results.generated_tokens:,} tokens generated in "
               f"{results.seconds:.0f} s)")
 
 

@@ -37,11 +37,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ml_collections
+
+from configs import sft as sft_configs
 from jaxrl_peft.data import prompts, synthetic
-from jaxrl_peft.models import hf, sft, tiny
+from jaxrl_peft.eval import math_eval
+from jaxrl_peft.models import hf, tiny
 from jaxrl_peft.models import transformer as tfm
-from jaxrl_peft.rewards.math import math_reward
+from jaxrl_peft.peft import registry
 from jaxrl_peft.rl import rollout
+from jaxrl_peft.train import loop, sft
 
 THINK = "<think>\n"
 # Kinds and levels of the problem mix, and the seeds of the disjoint training and held-out streams.
@@ -80,37 +85,47 @@ def render(problems: list[synthetic.SyntheticProblem], solutions: list[str], tok
 
 def heldout_accuracy(path: Path, problems: list[synthetic.SyntheticProblem], template: str, samples: int,
                      temperature: float, max_new_tokens: int, seed: int, rows: int = 128) -> dict:
-    """Samples `samples` completions per problem from the HF directory `path` and grades them."""
+    """Samples `samples` completions per problem from the HF directory `path` and grades them, through the
+    one held-out evaluator (`math_eval.evaluate`)."""
     model, params = hf.load(path, dtype=jnp.float32)
     tok = hf.Tokenizer(path)
-    ids = [tok.encode(prompts.build_prompt(p.problem, tok, template)) for p in problems]
-    pad_to = max(len(x) for x in ids)
-    sampler = rollout.Sampler(model, rollout.SamplingConfig(max_new_tokens, temperature), pad_id=tok.pad_id,
-                              stop_tokens=[tok.eos_id])
-    flat = [i for i in range(len(problems)) for _ in range(samples)]
-    rewards, lengths, guesses = np.zeros(len(flat)), np.zeros(len(flat)), np.zeros(len(flat))
-    start = time.perf_counter()
-    for b in range(0, len(flat), rows):
-        chunk = flat[b:b + rows]
-        chunk_ids = [ids[i] for i in chunk] + [ids[0]] * (rows - len(chunk))
-        tokens, mask = rollout.left_pad(chunk_ids, tok.pad_id, pad_to)
-        key = jax.random.fold_in(jax.random.key(seed), b)
-        out = jax.device_get(sampler({"params": params}, tokens, mask, key))
-        texts = [tok.decode(out.tokens[r][:out.lengths[r]], skip_special_tokens=True) for r in range(len(chunk))]
-        rewards[b:b + len(chunk)] = math_reward(texts, [problems[i].answer for i in chunk])
-        lengths[b:b + len(chunk)] = out.lengths[:len(chunk)]
-        guesses[b:b + len(chunk)] = [t.lstrip().startswith(synthetic.GUESS_OPENING) for t in texts]
-    seconds = time.perf_counter() - start
+    records = [{"problem": p.problem, "answer": p.answer} for p in problems]
+    results = math_eval.evaluate(model, {"params": params}, tok, {"heldout": records}, samples,
+                                 rollout.SamplingConfig(max_new_tokens, temperature), rows, template=template,
+                                 max_prompt_tokens=4096, prompt_bucket=16, seed=seed, save_completions=True,
+                                 log=None)
+    bench = results.benchmarks["heldout"]
+    texts = [t for p in bench.problems for t in p.completions]
+    rewards = np.array([c for p in bench.problems for c in p.correct], float)
+    lengths = np.array([n for p in bench.problems for n in p.lengths], float)
+    guesses = np.array([t.lstrip().startswith(synthetic.GUESS_OPENING) for t in texts])
     per_problem = rewards.reshape(len(problems), samples)
     by_kind = collections.defaultdict(list)
     for p, acc in zip(problems, per_problem.mean(1)):
         by_kind[f"{p.kind}/{p.level}"].append(acc)
     return {"avg@1": float(per_problem.mean()), f"pass@{samples}": float(per_problem.max(1).mean()),
             "mean_length": float(lengths.mean()), "guess_rate": float(guesses.mean()),
-            "guess_accuracy": float(rewards[guesses == 1].mean()) if guesses.any() else 0.0,
-            "worked_accuracy": float(rewards[guesses == 0].mean()) if not guesses.all() else 0.0,
-            "seconds": seconds, "sample_text": texts[0],
+            "guess_accuracy": float(rewards[guesses].mean()) if guesses.any() else 0.0,
+            "worked_accuracy": float(rewards[~guesses].mean()) if not guesses.all() else 0.0,
+            "seconds": results.seconds, "sample_text": texts[0],
             "by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
+
+
+def sft_config(work: Path, args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The supervised run that trains the embedded model: full fine-tuning of every weight from a random
+    init (AdamW b2 0.98, weight decay 0.01 on matrices, clip 1.0, warmup then cosine to 0)."""
+    c = sft_configs.get_config("tiny")
+    c.seed = args.seed
+    c.model.update(checkpoint=str(work), remat=False)
+    c.peft = ml_collections.ConfigDict(dict(name="full", hparams=ml_collections.ConfigDict()))
+    c.mesh.update(data=1, fsdp=1, tensor=1)
+    c.sft.update(batch_size=args.batch_size, micro_batch_size=args.batch_size, seq_len=256)
+    c.optim.update(learning_rate=args.learning_rate, schedule="cosine", warmup_steps=min(50, args.steps // 10),
+                   end_learning_rate=0.0, weight_decay=0.01, decay="matrices", b1=0.9, b2=0.98, eps=1e-8,
+                   grad_clip=1.0)
+    c.data.update(train="", heldout="")
+    c.steps, c.eval_every, c.checkpoint_every, c.log_every = args.steps, 0, args.steps, 50
+    return c
 
 
 def main(argv=None) -> None:
@@ -160,12 +175,14 @@ def main(argv=None) -> None:
         n_params = sum(x.size for x in jax.tree.leaves(params))
         print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
               f"heads {cfg.num_heads}/{cfg.num_kv_heads}x{cfg.head_dim}, {n_params / 1e6:.2f}M parameters")
-        sft_cfg = sft.SFTConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                                warmup_steps=min(50, args.steps // 10), seed=args.seed, log_every=50)
+        hf.save(work, model, params)  # the random init, which the supervised task loads and trains
+        c = sft_config(work, args)
         t_train = time.perf_counter()
-        params, _ = sft.train(model, params, examples, sft_cfg, pad_id=tok.pad_id)
+        held_pairs = render(heldout, [p.r1_solution() for p in heldout], tok)  # worked solutions only
+        held = [(tok.encode(p), tok.encode(c) + [tok.eos_id]) for p, c in held_pairs]
+        run = loop.train(sft.SFTTask(c, examples, heldout=held), c, work / "run")
         t_train = time.perf_counter() - t_train
-        hf.save(work, model, params)
+        hf.save(work, model, registry.merge(run.method, run.frozen["base"], run.state.adapter))
         print(f"trained in {t_train:.0f}s")
 
         results = {}

@@ -1,4 +1,4 @@
-"""One entry point for every training config.
+"""One entry point for every training config; `config.task` names the task (grpo, sft).
 
   python launch/train.py --config=configs/grpo_dora.py:tiny
   python launch/train.py --config=configs/grpo_dora.py --workdir=runs/dora --config.optim.learning_rate=2e-5
@@ -6,14 +6,23 @@
   launch/tpu_pod.sh NAME ZONE configs/grpo_dora.py gs://BUCKET/runs/dora     # every host of a TPU pod
 """
 
+import sys
+
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxrl_peft.models.safetensors_io import CheckpointError
+from jaxrl_peft.rl import grpo
+from jaxrl_peft.train import loop, memory, sft
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resolved config, metrics, checkpoints)")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build abstractly: print parameter counts and memory per chip")
 _CHIPS = flags.DEFINE_integer("chips", None, "devices to estimate memory for (default: this host's)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (every host of a pod)")
+
+TASKS = {"grpo": grpo.GRPOTask, "sft": sft.SFTTask}
 
 
 def main(argv) -> None:
@@ -23,16 +32,21 @@ def main(argv) -> None:
     c = _CONFIG.value
     if c is None:
         raise app.UsageError("--config=configs/<file>.py[:tiny] is required")
+    if c.get("task", "grpo") not in TASKS:
+        raise app.UsageError(f"config.task={c.task!r}: expected one of {sorted(TASKS)}")
     if _MULTIHOST.value:
-        import jax
         jax.distributed.initialize()
-    if _DRY_RUN.value:
-        from jaxrl_peft.infra import memory
-        for line in memory.estimate(c, _CHIPS.value).lines():
-            print(line)
-        return
-    from jaxrl_peft.rl import learner
-    learner.train(c, _WORKDIR.value)
+    try:
+        task = TASKS[c.get("task", "grpo")](c)
+        if _DRY_RUN.value:
+            for line in memory.estimate(c, _CHIPS.value).lines():
+                print(line)
+            print(f"state_bytes_per_device={memory.state_bytes_per_device(c)}")
+            return
+        loop.train(task, c, _WORKDIR.value or f"runs/{c.peft.name}")
+    except (loop.ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message names it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

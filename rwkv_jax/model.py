@@ -25,6 +25,7 @@ from jaxrl_peft.models import safetensors_io
 from jaxrl_peft.models.layers import LayerNorm, Linear, adapted_gain
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.rl.rollout import SamplingConfig, sample_tokens
+from rwkv_jax.kernels.wkv7 import wkv7
 
 Dtype = Any
 Params = dict[str, Any]
@@ -117,7 +118,6 @@ def wkv7_recurrent(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: ja
 
 
 def _wkv7_parallel(r, w, k, v, a, b, state):
-    from rwkv_jax.kernels.wkv7 import wkv7  # the kernel package is written separately
     return wkv7(r, w, k, v, a, b, initial_state=state)
 
 

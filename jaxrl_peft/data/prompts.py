@@ -8,7 +8,7 @@ system prompt reproduce the study's training setting (an R1-style "think first" 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+from typing import Protocol, Sequence
 
 DAPO_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
@@ -30,6 +30,8 @@ class ChatTokenizer(Protocol):
     """What prompt rendering needs from a tokenizer (jaxrl_peft.models.hf provides one)."""
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,3 +88,17 @@ def build_prompt(problem: str, tokenizer: ChatTokenizer, template: str | PromptT
             f"tokenizer {type(tokenizer).__name__} has no apply_chat_template(messages, add_generation_prompt)"
         )
     return tokenizer.apply_chat_template(tmpl.messages(problem), add_generation_prompt=True)
+
+
+def prompt_ids(problems: Sequence[str], tokenizer: ChatTokenizer, template: str | PromptTemplate,
+               max_prompt_tokens: int) -> tuple[list[list[int]], int]:
+    """The one prompt builder: chat-formatted prompt tokens of each problem, cut from the left to
+    `max_prompt_tokens`; and how many prompts were cut."""
+    if max_prompt_tokens < 1:
+        raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+    ids, cut = [], 0
+    for p in problems:
+        t = tokenizer.encode(build_prompt(p, tokenizer, template))
+        cut += len(t) > max_prompt_tokens
+        ids.append(list(t[-max_prompt_tokens:]))
+    return ids, cut

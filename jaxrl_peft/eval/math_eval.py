@@ -26,7 +26,9 @@ import numpy as np
 
 from jaxrl_peft.data import loaders, prompts as prompt_lib, synthetic
 from jaxrl_peft.eval import metrics
+from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import hf, transformer as tfm
+from jaxrl_peft.peft import hf_peft
 from jaxrl_peft.rewards import math as reward_lib
 from jaxrl_peft.rl import rollout
 
@@ -163,8 +165,6 @@ def load_policy(checkpoint: str | os.PathLike, adapter: str | os.PathLike | None
     if not Path(adapter).is_dir():
         raise hf.CheckpointError(f"adapter {str(adapter)!r} is not a directory; expected an HF PEFT adapter "
                                  "(adapter_config.json, adapter_model.safetensors)")
-    from jaxrl_peft.peft import hf_peft  # the PEFT package is only needed for adapters
-
     method, params, adapter_tree = hf_peft.load_adapter(adapter, model.cfg, params)
     adapter_tree = jax.tree.map(lambda x: jnp.asarray(x, param_dtype), adapter_tree)
     if mesh is not None:
@@ -174,18 +174,6 @@ def load_policy(checkpoint: str | os.PathLike, adapter: str | os.PathLike | None
 
 # ---------------------------------------------------------------------------------------------
 # evaluation
-
-def prompt_ids(problems: Sequence[str], tokenizer: hf.Tokenizer, template: str | prompt_lib.PromptTemplate,
-               max_prompt_tokens: int) -> tuple[list[list[int]], int]:
-    """Chat-formatted prompt tokens, cut from the left to `max_prompt_tokens`; and how many were cut."""
-    tmpl = prompt_lib.get_template(template) if isinstance(template, str) else template
-    ids, cut = [], 0
-    for p in problems:
-        t = tokenizer.apply_chat_template(tmpl.messages(p), add_generation_prompt=True, tokenize=True)
-        cut += len(t) > max_prompt_tokens
-        ids.append(list(t[-max_prompt_tokens:]))
-    return ids, cut
-
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -205,15 +193,35 @@ def evaluate(model: tfm.Transformer, variables: dict, tokenizer: hf.Tokenizer,
     if batch_size < 1 or prompt_bucket < 1 or max_prompt_tokens < 1:
         raise ValueError(f"batch_size ({batch_size}), prompt_bucket ({prompt_bucket}) and max_prompt_tokens "
                          f"({max_prompt_tokens}) must be >= 1")
-    if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
-        raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's data x fsdp size "
-                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
     ks = {name: (k if isinstance(k, int) else k.get(name)) for name in benchmarks}
     for name, kn in ks.items():
         if not isinstance(kn, int) or kn < 1:
             raise ValueError(f"benchmark {name!r}: k must be an int >= 1, got {kn!r}")
     stop = [t for t in dict.fromkeys((tokenizer.eos_id, model.cfg.eos_token_id)) if t is not None]
     sampler = rollout.Sampler(model, sampling, pad_id=tokenizer.pad_id, stop_tokens=stop, mesh=mesh)
+    return evaluate_with(sampler, variables, tokenizer, benchmarks, ks, batch_size, template=template,
+                         max_prompt_tokens=max_prompt_tokens, prompt_bucket=prompt_bucket, seed=seed,
+                         scorer=scorer, reward_workers=reward_workers, save_completions=save_completions,
+                         log=log)
+
+
+def evaluate_with(sampler: rollout.Sampler, variables: dict, tokenizer: hf.Tokenizer,
+                  benchmarks: Mapping[str, Sequence[Mapping[str, str]]], ks: Mapping[str, int], batch_size: int,
+                  *, template: str | prompt_lib.PromptTemplate = "dapo", max_prompt_tokens: int = 1024,
+                  prompt_bucket: int = 128, seed: int = 42, scorer: Scorer | None = None, reward_workers: int = 2,
+                  save_completions: bool = False, log: Callable[[str], None] | None = _stderr) -> EvalResults:
+    """`evaluate` with a sampler the caller keeps (training evaluates with its compiled sampler).
+
+    With several JAX processes every host samples and scores its share of each batch (`batch_size`
+    rows in all) and the results are gathered: every host returns the same EvalResults, equal to a
+    one-process run's."""
+    mesh = sampler.mesh
+    hosts = jax.process_count()
+    if mesh is not None and batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"batch_size {batch_size} must be divisible by the mesh's data x fsdp size "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+    if batch_size % hosts:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of hosts {hosts}")
     pool = None
     if scorer is None:
         pool = reward_lib.MathRewardPool(workers=reward_workers)
@@ -256,7 +264,7 @@ def _evaluate_one(name: str, records: Sequence[Mapping[str, str]], k: int, sampl
                   template: str | prompt_lib.PromptTemplate,
                   max_prompt_tokens: int, prompt_bucket: int, key: jax.Array, save_completions: bool,
                   progress: _Progress) -> BenchmarkResult:
-    ids, cut = prompt_ids([r["problem"] for r in records], tokenizer, template, max_prompt_tokens)
+    ids, cut = prompt_lib.prompt_ids([r["problem"] for r in records], tokenizer, template, max_prompt_tokens)
     if cut and progress.log is not None:
         progress.log(f"[eval] warning: {name}: {cut} of {len(ids)} prompts were longer than {max_prompt_tokens} "
                      "tokens and were cut from the left")
@@ -269,27 +277,34 @@ def _evaluate_one(name: str, records: Sequence[Mapping[str, str]], k: int, sampl
     finished = np.zeros(n_rows, bool)
     texts: list[str] | None = [""] * n_rows if save_completions else None
     remaining = np.full(len(records), k)
+    hosts, me = jax.process_count(), jax.process_index()
+    per_host = batch_size // hosts
     for start in range(0, n_rows, batch_size):
         rows = order[start:start + batch_size]
-        fill = batch_size - len(rows)
-        batch_rows = rows + [rows[-1]] * fill  # filler rows get budget 0 and are dropped
+        batch_rows = rows + [rows[-1]] * (batch_size - len(rows))  # filler rows get budget 0 and are dropped
+        mine = slice(me * per_host, (me + 1) * per_host)  # this host's rows of the batch
         width = prompt_bucket * math.ceil(max(len(ids[r // k]) for r in rows) / prompt_bucket)
-        tokens, mask = rollout.left_pad([ids[r // k] for r in batch_rows], tokenizer.pad_id, width)
+        tokens, mask = rollout.left_pad([ids[r // k] for r in batch_rows[mine]], tokenizer.pad_id, width)
         budgets = np.full(batch_size, sampler.sampling.max_new_tokens, np.int32)
         budgets[len(rows):] = 0
-        out = jax.device_get(sampler(variables, tokens, mask, key, budgets=budgets,
-                                     row_ids=np.asarray(batch_rows, np.int32)))
-        batch_texts = []
-        for i, r in enumerate(rows):
-            n, done = int(out.lengths[i]), bool(out.finished[i])
+        out = sampler(variables, tokens, mask, key, budgets=budgets[mine],
+                      row_ids=np.asarray(batch_rows[mine], np.int32))
+        mesh = sampler.mesh
+        out = rollout.Rollout(*(jax.device_get(x) if mesh is None else mesh_lib.local_rows(x, mesh) for x in out))
+        real = max(0, min(per_host, len(rows) - me * per_host))  # this host's rows that are not filler
+        my_texts = rollout.decode_completions(tokenizer, out, real)
+        my_rewards = [float(x) for x in scorer(my_texts, [golds[r // k] for r in batch_rows[mine][:real]])]
+        shared = {"texts": my_texts, "rewards": my_rewards, "lengths": out.lengths[:real].tolist(),
+                  "finished": out.finished[:real].tolist()}
+        every = mesh_lib.gather_json(shared)
+        joined = {key_: sum((h[key_] for h in every), []) for key_ in shared}
+        for r, text, reward, n, done in zip(rows, joined["texts"], joined["rewards"], joined["lengths"],
+                                            joined["finished"]):
             lengths[r], finished[r] = n, done
-            batch_texts.append(tokenizer.decode(out.tokens[i, :n - 1 if done else n]))  # without the stop token
-        rewards = scorer(batch_texts, [golds[r // k] for r in rows])
-        for r, text, reward in zip(rows, batch_texts, rewards):
             if texts is not None:
                 texts[r] = text
             answers[r] = reward_lib.extract_answer(text)
-            correct[r] = float(reward) >= 0.5
+            correct[r] = reward >= 0.5
             remaining[r // k] -= 1
         progress.update(name, len(rows), int(lengths[rows].sum()), int(np.sum(remaining == 0)), len(records))
     problems = []
@@ -334,7 +349,6 @@ def run(c: Any, checkpoint: str | None = None, adapter: str | None = None, outpu
             out.parent.mkdir(parents=True, exist_ok=True)
         mesh = None
         if c.get("mesh") is not None and len(jax.devices()) > 1:
-            from jaxrl_peft.infra import mesh as mesh_lib
             mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
         model, variables, tokenizer = load_policy(checkpoint, adapter or None, jnp.dtype(c.model.param_dtype),
                                                   jnp.dtype(c.model.dtype), mesh)

@@ -32,7 +32,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
         """`data_state` is this host's iterator state; every host's is saved (one list, process order)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": _gather_json(data_state)}),
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"hosts": mesh_lib.gather_json(data_state)}),
             meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
 
@@ -51,18 +51,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def _gather_json(obj: Any) -> list:
-    """Every host's JSON-serialisable `obj`, in process order."""
-    if jax.process_count() == 1:
-        return [obj]
-    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = mesh_lib.gather_hosts(raw.size)
-    buf = np.zeros((1, int(sizes.max())), np.uint8)
-    buf[0, :raw.size] = raw
-    every = mesh_lib.gather_hosts(buf)
-    return [json.loads(bytes(row[:n])) for row, n in zip(every, sizes)]
-
-
 def save_config(workdir: str | os.PathLike, config: Any) -> Path:
     """Writes the resolved config (JSON) to `workdir/config.json`; a resumed run must match it."""
     path = Path(workdir) / "config.json"
@@ -73,3 +61,11 @@ def save_config(workdir: str | os.PathLike, config: Any) -> Path:
                          "use a new --workdir or the same config to resume")
     path.write_text(text)
     return path
+
+
+def read_state(workdir: str | os.PathLike, step: int) -> Any:
+    """The saved state tree of `step` ({'adapter', 'opt', 'method'}) as numpy arrays, for inspection."""
+    path = Path(workdir).absolute() / "ckpt" / str(step) / "state"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no checkpoint of step {step}")
+    return jax.tree.map(np.asarray, ocp.PyTreeCheckpointer().restore(path))

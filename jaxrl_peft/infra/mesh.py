@@ -5,6 +5,7 @@ Models only name logical axes (`embed`, `mlp`, `heads`, ...); this file decides 
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -62,6 +63,24 @@ def param_shardings(boxed_abstract: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any
     return nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed_abstract), mesh, rules)
 
 
+def fitted_sharding(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules=LOGICAL_RULES) -> NamedSharding:
+    """The NamedSharding of logical `axes` for an array of `shape`; a dimension that the mesh axes it
+    maps to do not divide evenly is replicated instead (e.g. 2 KV heads over 4 tensor shards)."""
+    spec = nn.logical_to_mesh_axes(tuple(axes), rules)
+    fitted = []
+    for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        fitted.append(mesh_axes if names and dim % size == 0 else None)
+    return NamedSharding(mesh, P(*fitted))
+
+
+def tree_shardings(axes_tree: Any, shapes_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """`fitted_sharding` over a tree of logical-axis tuples and the matching tree of arrays/shapes."""
+    return jax.tree.map(lambda x, axes: fitted_sharding(axes, x.shape, mesh, rules), shapes_tree, axes_tree)
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Shards the leading (batch) axis over data and fsdp, replicates the rest."""
     return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
@@ -97,3 +116,15 @@ def gather_hosts(local: Any) -> np.ndarray:
         return local
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+def gather_json(obj: Any) -> list:
+    """Every host's JSON-serialisable `obj`, in process order."""
+    if jax.process_count() == 1:
+        return [obj]
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = gather_hosts(raw.size)
+    buf = np.zeros((1, int(sizes.max())), np.uint8)
+    buf[0, :raw.size] = raw
+    every = gather_hosts(buf)
+    return [json.loads(bytes(row[:n])) for row, n in zip(every, sizes)]

@@ -30,8 +30,28 @@ _TORCH_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float1
 # ---------------------------------------------------------------------------------------------
 # config.json <-> TransformerConfig
 
+_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
+
+
+def check_field_types(hf: dict[str, Any], source: str) -> None:
+    """Refuses config.json values of the wrong type (`"hidden_size": "128"`), naming the file and field."""
+    for name in _INT_FIELDS:
+        v = hf.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise CheckpointError(f"{source}: field {name!r} must be a positive integer, got {v!r}")
+    for name in _FLOAT_FIELDS:
+        v = hf.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise CheckpointError(f"{source}: field {name!r} must be a number, got {v!r}")
+
+
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tfm.TransformerConfig:
-    """Reads an HF config dict (Qwen2ForCausalLM / LlamaForCausalLM)."""
+    """Reads an HF config dict (Qwen2ForCausalLM / LlamaForCausalLM); values are type-checked."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+    check_field_types(hf, source)
     archs = hf.get("architectures") or []
     arch = next((_ARCHS[a] for a in archs if a in _ARCHS), None) or _ARCHS.get(
         {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(hf.get("model_type", ""), ""))

@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import jax
+
+from jaxrl_peft.models import hf, transformer as tfm
 from jaxrl_peft.models.hf import R1_DISTILL_CHAT_TEMPLATE
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -46,10 +49,6 @@ def make_tiny_checkpoint(path: str | os.PathLike, texts: Iterable[str], seed: in
 
     Weights are random; `overrides` change the `tiny` preset's shape.
     """
-    import jax
-
-    from jaxrl_peft.models import hf, transformer as tfm
-
     path = build_r1_tokenizer(path, texts, vocab_size)
     tok = hf.Tokenizer(path)
     cfg = tfm.preset("tiny", vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,

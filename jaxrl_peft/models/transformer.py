@@ -281,6 +281,12 @@ def abstract_params(cfg: TransformerConfig) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
+def param_axes(cfg: TransformerConfig) -> Any:
+    """The logical axis names of every weight (a tuple per leaf, nested like the params)."""
+    specs = nn.get_partition_spec(abstract_params(cfg))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
 def init_params(cfg: TransformerConfig, key: Array) -> Any:
     """Random parameters (HF init: normal(0.02) weights, zero biases, unit norms), unboxed."""
     model = Transformer(cfg)

@@ -131,9 +131,34 @@ class PeftMethod:
         raise NotImplementedError(f"{self.name}: no Hugging Face PEFT import")
 
     def on_step(self, step: Array, grads: Any, adapter_tree: Any, state: Any) -> tuple[Any, Any]:
-        """Runs after each optimizer update: returns (adapter_tree, state). AdaLoRA prunes rank here."""
+        """Runs after each optimizer update, inside the jitted step: returns (adapter_tree, state).
+        AdaLoRA prunes rank here. `step` is the 0-based index of the update just applied."""
         del step, grads
         return adapter_tree, state
+
+    def precondition(self, grads: Adapter, adapter: Adapter) -> Adapter:
+        """One module's gradients before the optimizer step (LoRA-FA projects B's gradient)."""
+        del adapter
+        return grads
+
+    def hf_shared_tensors(self, adapter_tree: Any) -> dict[str, Any]:
+        """Model-level tensors of the HF PEFT format that belong to no module (VeRA's projections)."""
+        del adapter_tree
+        return {}
+
+    @classmethod
+    def from_hf_config(cls, config: dict, **kwargs: Any) -> "PeftMethod":
+        """The method an HF PEFT adapter_config.json describes (kwargs: fields already decided)."""
+        raise NotImplementedError(f"{cls.name}: no Hugging Face PEFT format")
+
+    def replaces_base(self) -> bool:
+        """True when the adapter holds a full trainable copy of every base weight it targets (full
+        fine-tuning): the base copies can then be dropped when no reference policy needs them."""
+        return False
+
+    def model_variables(self, params: Any, adapter: Any) -> dict[str, Any]:
+        """The variables the model is applied with: the frozen base and the adapter collection."""
+        return {"params": params, "adapter": adapter}
 
 
 IDENTITY = PeftMethod(target_modules=())

@@ -66,5 +66,25 @@ class Full(PeftMethod):
     def adapter_axes(self, kernel_axes: tuple[str | None, ...], adapter: Adapter) -> Any:
         if "scale" in adapter:
             return {"scale": tuple(kernel_axes[-1:]) or ("norm",)}
-        axes = {"kernel": tuple(kernel_axes), "bias": tuple(kernel_axes[1:])}
+        axes = {"kernel": tuple(kernel_axes), "embedding": tuple(kernel_axes), "bias": tuple(kernel_axes[1:])}
         return {k: axes[k] for k in adapter}
+
+    def replaces_base(self) -> bool:
+        return True
+
+    def model_variables(self, params: Any, adapter: Any) -> dict[str, Any]:
+        """The trained copies stand in the base tree's place: the model runs on them directly, so the
+        base copies they replace may be dropped (`registry.drop_replaced`) when no reference needs them."""
+        return {"params": overlay(params, adapter)}
+
+
+def overlay(base: Any, top: Any) -> Any:
+    """`base` with every leaf that `top` holds at the same path replaced by `top`'s."""
+    if not isinstance(top, dict):
+        return top
+    out = dict(base)
+    for k, v in top.items():
+        if k not in out:
+            raise ValueError(f"full: adapter entry {k!r} has no counterpart in the base parameters")
+        out[k] = overlay(out[k], v)
+    return out

@@ -60,9 +60,8 @@ def to_hf_state_dict(method: PeftMethod, params: dict, adapter: dict) -> dict[st
     for path, _, _, a in _adapted(params, adapter):
         for suffix, t in method.hf_tensors(a).items():
             out[f"{PREFIX}{module_name(path)}.{suffix}"] = np.ascontiguousarray(np.asarray(jax.device_get(t)))
-    shared = getattr(method, "hf_shared_tensors", None)  # model-level tensors, e.g. VeRA's projections
-    if shared is not None:
-        out.update({k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in shared(adapter).items()})
+    shared = method.hf_shared_tensors(adapter)  # model-level tensors, e.g. VeRA's projections
+    out.update({k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in shared.items()})
     return out
 
 

@@ -46,11 +46,11 @@ def drop_frozen(labels: dict) -> optax.GradientTransformation:
 
 def precondition(method: PeftMethod) -> optax.GradientTransformation:
     """Calls `method.precondition(module_grads, module_params)` on every module (LoRA-FA); needs params."""
-    fn = getattr(method, "precondition", None)
+    fn = method.precondition
+    if type(method).precondition is PeftMethod.precondition:
+        return optax.identity()
 
     def update(updates, state, params=None):
-        if fn is None:
-            return updates, state
         if params is None:
             raise ValueError(f"PEFT method {method.name!r}: the optimizer update needs the adapter params "
                              "(call tx.update(grads, state, adapter))")
@@ -92,11 +92,12 @@ def hf_adamw(learning_rate: Schedule, b1: float, b2: float, eps: float, weight_d
 
 def make_optimizer(method: PeftMethod, adapter: dict, learning_rate: Schedule, *, weight_decay: float = 0.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, loraplus_ratio: float = 16.0,
-                   grad_clip: float | None = None) -> optax.GradientTransformation:
+                   grad_clip: float | None = None, decay_mask: Any = None) -> optax.GradientTransformation:
     """The optax optimizer for `adapter` under `method` (learning_rate: a float or an optax schedule).
 
     Use as `tx.update(grads, opt_state, adapter)`: the adapter params are required (LoRA-FA, decay).
-    PEFT's LoRA-FA default eps is 1e-6 (pass eps=1e-6 for its exact update).
+    PEFT's LoRA-FA default eps is 1e-6 (pass eps=1e-6 for its exact update). `decay_mask` (a function
+    of the params tree, as optax.adamw takes) limits weight decay, e.g. to matrices.
     """
     if loraplus_ratio <= 0:
         raise ValueError(f"loraplus_ratio must be > 0, got {loraplus_ratio}")
@@ -108,7 +109,8 @@ def make_optimizer(method: PeftMethod, adapter: dict, learning_rate: Schedule, *
     if unknown:
         raise ValueError(f"PEFT method {method.name!r} labels adapter leaves {unknown}; the optimizer knows "
                          f"{list(KNOWN_LABELS)}")
-    adamw = lambda lr: optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)  # noqa: E731
+    adamw = lambda lr: optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,  # noqa: E731
+                                   mask=decay_mask)
     groups = {
         "default": lambda: adamw(learning_rate),
         "lora_b": lambda: adamw(_scaled(learning_rate, loraplus_ratio)),

@@ -36,6 +36,12 @@ def get(name: str, **kwargs: Any) -> PeftMethod:
         raise ValueError(f"PEFT method {name!r}: bad hyperparameters {sorted(kwargs)} ({e})") from e
 
 
+def from_config(peft_config: Any) -> PeftMethod:
+    """The method a config's `peft` block names: `name` and `hparams` (lists become tuples)."""
+    hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(peft_config.hparams).items()}
+    return get(peft_config.name, **hparams)
+
+
 def methods() -> list[str]:
     from jaxrl_peft import peft as _peft  # noqa: F401
     return sorted(_METHODS)
@@ -122,6 +128,9 @@ def _adapter_at(adapter: dict, path: tuple[str, ...]) -> dict | None:
 
 def merge(method: PeftMethod, params: dict, adapter: dict) -> dict:
     """Base params with every adapter folded in (for export as a plain HF checkpoint)."""
+    if method.replaces_base():  # the trained copies are the weights (the base may hold placeholders)
+        merged = method.model_variables(params, adapter)["params"]
+        return jax.tree.map(lambda m, p: m.astype(p.dtype), merged, params)
     out = _copy(params)
     for path, kind, mod in modules(params):
         a = _adapter_at(adapter, path)
@@ -161,3 +170,39 @@ def map_modules(fn: Callable[[tuple[str, ...], str, dict, dict | None], Any], pa
                 adapter: dict) -> list[Any]:
     """Calls fn(path, kind, module_params, module_adapter) for every module; returns the results."""
     return [fn(path, kind, mod, _adapter_at(adapter, path)) for path, kind, mod in modules(params)]
+
+
+def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
+    """Logical axis names for every adapter leaf (same nesting as `adapter`), from the axes of the
+    weight each module adapts (`param_axes`: the params tree with a tuple of axis names per leaf).
+    Model-level leaves outside any module (VeRA's shared projections) get no names (replicated)."""
+    def walk(axes_node: Any, adapter_node: dict) -> dict:
+        leaves = {k: v for k, v in adapter_node.items() if not isinstance(v, dict)}
+        node: dict = {}
+        if leaves:
+            own = axes_node if isinstance(axes_node, dict) else {}
+            kind_leaf = next((own[name] for name in ("kernel", "scale", "embedding") if name in own), None)
+            if kind_leaf is None:
+                node.update({k: (None,) * jnp.ndim(v) for k, v in leaves.items()})
+            else:
+                node.update(method.adapter_axes(tuple(kind_leaf), leaves))
+        for k, v in adapter_node.items():
+            if isinstance(v, dict):
+                sub = axes_node.get(k, {}) if isinstance(axes_node, dict) else {}
+                node[k] = walk(sub, v)
+        return node
+    return walk(param_axes, adapter)
+
+
+def drop_replaced(method: PeftMethod, params: dict, adapter: dict) -> dict:
+    """`params` without the base weights that `method` replaces by full trainable copies in `adapter`
+    (full fine-tuning): each becomes a scalar placeholder, so the run holds one copy of the model.
+    Only valid where nothing needs the base weights themselves (no reference policy)."""
+    if not method.replaces_base():
+        return params
+
+    def walk(p: Any, a: Any) -> Any:
+        if not isinstance(a, dict):
+            return jnp.zeros((), p.dtype)
+        return {k: walk(v, a[k]) if k in a else v for k, v in p.items()}
+    return walk(params, adapter)

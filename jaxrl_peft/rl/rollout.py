@@ -186,6 +186,13 @@ class Sampler:
         return self._decode(variables, cache, logits, kv_mask, prompt_lens, key, stop_tokens, budgets, row_ids)
 
 
+def decode_completions(tokenizer: Any, out: Rollout, rows: int | None = None) -> list[str]:
+    """The text of each sampled completion without its stop token ('Answer: 42<eos>' reads 'Answer: 42'),
+    for the first `rows` rows (default all). `out` holds numpy arrays (this host's rows)."""
+    n = len(out.lengths) if rows is None else rows
+    return [tokenizer.decode(out.tokens[i][:int(out.lengths[i]) - int(out.finished[i])]) for i in range(n)]
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads token lists to a common length: returns (tokens [B, P], mask [B, P])."""
     length = length or max(len(s) for s in sequences)

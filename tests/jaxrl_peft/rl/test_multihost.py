@@ -76,19 +76,21 @@ def _worker(out: Path, process: int, processes: int, port: int) -> None:
     sys.path.insert(0, str(ROOT))
     from configs.grpo_dora import get_config
     from jaxrl_peft.data import synthetic
-    from jaxrl_peft.infra import checkpoint
-    from jaxrl_peft.rl.learner import Learner
+    from jaxrl_peft.infra import mesh as mesh_lib
+    from jaxrl_peft.rl import grpo
+    from jaxrl_peft.train import loop
 
     c = get_config("tiny")
     c.rl.update(group_size=GROUP, prompts_per_step=PROMPTS, micro_batch_size=8, max_new_tokens=40)
     c.eval.batch_size = 8
     c.reward_workers = 1
-    learner = Learner(c)
-    assert len(learner.mesh.devices.flat) == 4
+    task = grpo.GRPOTask(c)
+    run = loop.build(task, c)
+    assert len(run.mesh.devices.flat) == 4
     from jax.experimental import multihost_utils
 
     leaves = lambda: {jax.tree_util.keystr(k): np.asarray(multihost_utils.process_allgather(v, tiled=True))  # noqa: E731
-                      for k, v in jax.tree_util.tree_leaves_with_path(learner.adapter)}
+                      for k, v in jax.tree_util.tree_leaves_with_path(run.state.adapter)}
     out.mkdir(parents=True, exist_ok=True)
     init = leaves()  # a collective: every host calls it
     if process == 0:
@@ -101,10 +103,13 @@ def _worker(out: Path, process: int, processes: int, port: int) -> None:
         mine = batch[process * share:(process + 1) * share]  # this host's prompts, whole groups
         problems = [r.problem for r in mine for _ in range(GROUP)]
         golds = [r.answer for r in mine for _ in range(GROUP)]
-        metrics.append(learner.train_step(problems, golds, jax.random.key(100 + step)))
-    heldout = learner.evaluate([r.as_record() for r in records[:3]], samples=2, key=jax.random.key(5))
-    hosts = checkpoint._gather_json({"process": process})
-    learner.close()
+        rows, totals, m = task.experience(run.frozen, run.state.adapter, problems, golds, jax.random.key(100 + step))
+        m.update(run.update(rows, totals))
+        metrics.append(m)
+    heldout = task.evaluate_records(run.frozen, run.state.adapter, [r.as_record() for r in records[:3]], samples=2,
+                                    seed=5)
+    hosts = mesh_lib.gather_json({"process": process})
+    task.close()
     np.savez(out / f"{process}.npz", **leaves())
     (out / f"{process}.json").write_text(json.dumps({"metrics": metrics, "heldout": heldout, "hosts": hosts}))
 

@@ -17,7 +17,7 @@ FLAGS = ["--config=configs/grpo_dora.py:tiny", "--config.steps=4", "--config.che
          "--config.eval_every=0", "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
          "--config.rl.max_new_tokens=48", "--config.eval.num_problems=4", "--config.eval.samples=1",
          "--config.optim.learning_rate=1e-3"]
-TIMING = ("time_rollout", "time_reward", "time_update", "tokens_per_s")
+TIMING = ("time_rollout", "time_reward", "time_update", "time_step", "tokens_per_s")
 
 
 def _cmd(workdir):

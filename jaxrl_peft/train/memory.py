@@ -1,4 +1,5 @@
-"""Abstract build of a training config: parameter counts and a per-chip device-memory estimate.
+"""Abstract build of a training config: parameter counts, a per-chip device-memory estimate, and the
+state bytes per device that the run's shardings give (the figure a live run prints at start).
 
 Nothing is allocated: shapes come from `jax.eval_shape`, so the paper-scale configs work on a laptop.
 """
@@ -10,32 +11,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxrl_peft import peft
-from jaxrl_peft.models import transformer as tfm
+from jaxrl_peft.infra import mesh as mesh_lib
+from jaxrl_peft.models import hf, transformer as tfm
+from jaxrl_peft.peft import registry
+from jaxrl_peft.train import optimizer as optimizer_lib, state as state_lib
 
 GB = 1e9
 
 
 def model_config(c: ml_collections.ConfigDict) -> tfm.TransformerConfig:
     """The decoder config of a run: config.json of a local checkpoint, else the named preset."""
-    from jaxrl_peft.models import hf
-
     conf = Path(c.model.checkpoint) / "config.json"
     if conf.exists():
         cfg = hf.config_from_hf(json.loads(conf.read_text()), str(conf))
     else:
         cfg = tfm.preset(c.model.preset)
     return cfg.replace(dtype=c.model.dtype, param_dtype=c.model.param_dtype, remat=c.model.remat)
-
-
-def peft_method(c: ml_collections.ConfigDict) -> peft.PeftMethod:
-    hparams = {k: tuple(v) if isinstance(v, list) else v for k, v in c.peft.hparams.items()}
-    return peft.get(c.peft.name, **hparams)
 
 
 @dataclasses.dataclass
@@ -63,7 +61,7 @@ def estimate(c: ml_collections.ConfigDict, chips: int | None = None) -> Estimate
     cfg = model_config(c)
     chips = chips or jax.device_count()
     abstract = jax.eval_shape(lambda: tfm.init_params(cfg, jax.random.key(0)))
-    method = peft_method(c).prepare(abstract)
+    method = registry.from_config(c.peft).prepare(abstract)
     new_params, adapter = jax.eval_shape(lambda p: peft.init_adapter(method, jax.random.key(0), p), abstract)
     labels = peft.labels(method, adapter)
     trainable = peft.trainable_count(method, adapter)
@@ -89,3 +87,31 @@ def estimate(c: ml_collections.ConfigDict, chips: int | None = None) -> Estimate
         "activations": activations / GB,
     }
     return Estimate(trainable, total, chips, gb)
+
+
+def state_bytes_per_device(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> int:
+    """The largest number of bytes that any device holds of frozen weights + adapter + optimizer +
+    method state, from the shard shapes of the shardings a run of `c` uses (no array is made)."""
+    mesh = mesh or mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    cfg = model_config(c)
+    param_axes = tfm.param_axes(cfg)
+    method = registry.from_config(c.peft).prepare(nn.unbox(tfm.abstract_params(cfg)))
+    kl = "rl" in c and c.rl.kl_coef > 0  # GRPO keeps the reference policy's weights for its KL term
+    keep_initial = kl and method.residual
+
+    def build():
+        params, adapter = peft.init_adapter(method, jax.random.key(0), tfm.init_params(cfg, jax.random.key(0)))
+        if not kl:
+            params = registry.drop_replaced(method, params, adapter)
+        tx, _ = optimizer_lib.make(method, adapter, c.optim, c.steps)
+        state = state_lib.TrainState(jnp.zeros((), jnp.int32), adapter, tx.init(adapter), method.init_state(adapter))
+        return params, state
+
+    params, state = jax.eval_shape(build)
+    tx, _ = optimizer_lib.make(method, state.adapter, c.optim, c.steps)
+    sh = state_lib.shardings(method, tx, params, param_axes, state, mesh, keep_initial)
+    trees, shardings = [params, state], [sh.frozen["base"], sh.train]
+    if keep_initial:
+        trees.append(state.adapter)
+        shardings.append(sh.frozen["initial_adapter"])
+    return state_lib.abstract_bytes_per_device(trees, shardings)
