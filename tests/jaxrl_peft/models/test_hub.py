@@ -12,10 +12,12 @@ import shlex
 from pathlib import Path
 
 import huggingface_hub
+import huggingface_hub.cli.download as hf_cli_download
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import transformers
+from huggingface_hub.cli.hf import app as hf_cli
 
 from jaxrl_peft.data import loaders
 from jaxrl_peft.models import hub
@@ -104,6 +106,40 @@ def test_uncached_id_offline_names_the_id_and_the_download_command(cache):
     assert not any(fnmatch.fnmatchcase(name, pattern) for pattern in includes for name in unwanted)
 
 
+def download_requests(monkeypatch, resolve) -> tuple[dict, dict]:
+    """(what `resolve` asks huggingface_hub for, what the `hf download` command in its error asks for).
+
+    Both downloads are stubbed; the command is parsed by huggingface_hub's real CLI.
+    """
+    asked, cli_asked = [], []
+
+    def record_and_miss(*args, **kwargs):
+        asked.append(dict(kwargs, filename=args[1] if len(args) > 1 else None))
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", record_and_miss)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", record_and_miss)
+    with pytest.raises(hub.NotCachedError) as error:
+        resolve()
+    command = next(line for line in str(error.value).splitlines() if line.strip().startswith("hf download"))
+    monkeypatch.setattr(hf_cli_download, "snapshot_download", lambda **kwargs: cli_asked.append(kwargs) or "/x")
+    monkeypatch.setattr(hf_cli_download, "hf_hub_download", lambda **kwargs: cli_asked.append(kwargs) or "/x")
+    hf_cli(shlex.split(command)[1:], standalone_mode=False)
+    return asked[-1], cli_asked[-1]
+
+
+def test_the_printed_command_fetches_what_the_resolver_needs(cache, monkeypatch):
+    asked, cli = download_requests(monkeypatch, lambda: hub.resolve_model("org/tiny", revision="v1"))
+    assert (cli["repo_id"], cli["repo_type"], cli["revision"]) == ("org/tiny", "model", "v1")
+    assert cli["allow_patterns"] == asked["allow_patterns"] and cli["ignore_patterns"] is None
+    asked, cli = download_requests(monkeypatch, lambda: hub.resolve_model("BlinkDL/rwkv7-g1:a/b.pth", kind="rwkv_pth"))
+    assert (cli["repo_id"], cli["filename"], cli["revision"]) == ("BlinkDL/rwkv7-g1", "a/b.pth", None)
+    assert asked["filename"] == "a/b.pth"
+    asked, cli = download_requests(monkeypatch, lambda: hub.resolve_dataset(DAPO, revision="v2"))
+    assert (cli["repo_id"], cli["repo_type"], cli["revision"], cli["allow_patterns"]) == (DAPO, "dataset", "v2", None)
+    assert asked["repo_type"] == "dataset"
+
+
 def test_downloads_disabled_without_offline_env_is_the_same_clear_error(cache, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -141,6 +177,14 @@ def test_missing_shard_of_an_index_is_reported(cache, tmp_path):
                                       "model-00001-of-00002.safetensors": files["model.safetensors"]}, SHA_MAIN)
     with pytest.raises(hub.NotCachedError, match="model-00002-of-00002.safetensors"):
         hub.resolve_model("org/sharded")
+
+
+def test_encoder_without_safetensors_falls_back_to_torch_weights(cache):
+    files = {"config.json": b"{}", "preprocessor_config.json": b"{}", "pytorch_model.bin": b"torch"}
+    snapshot = cache_repo(cache, "microsoft/wavlm-base-plus", files, SHA_MAIN)
+    assert hub.resolve_model("microsoft/wavlm-base-plus", kind="encoder") == (snapshot, SHA_MAIN, ())
+    with pytest.raises(hub.NotCachedError, match=r"missing \*\.safetensors"):
+        hub.resolve_model("microsoft/wavlm-base-plus", kind="hf")
 
 
 def test_dry_run_never_asks_for_weights(cache, tmp_path, monkeypatch):
@@ -264,6 +308,22 @@ def test_uncached_dataset_offline_gives_the_whole_repo_command(cache):
         hub.resolve_dataset(DAPO)
     message = str(error.value)
     assert f"hf download {DAPO} --repo-type dataset\n" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_dataset_card_without_its_data_offline_names_the_config_files(cache, monkeypatch):
+    cache_repo(cache, DAPO, {"README.md": DAPO_CARD}, SHA_MAIN, repo_type="dataset")
+    with pytest.raises(hub.NotCachedError, match="split 'train'") as error:
+        hub.resolve_dataset(f"{DAPO}:en")
+    command = next(line for line in str(error.value).splitlines() if line.strip().startswith("hf download"))
+    cli_asked = []
+    monkeypatch.setattr(hf_cli_download, "snapshot_download", lambda **kwargs: cli_asked.append(kwargs) or "/x")
+    hf_cli(shlex.split(command)[1:], standalone_mode=False)
+    (cli,) = cli_asked
+    wanted = ["README.md", "en/train-00000-of-00001.parquet"]
+    unwanted = ["all/train-00000-of-00001.parquet", "cn/train-00000-of-00001.parquet"]
+    assert cli["repo_type"] == "dataset"
+    assert all(any(fnmatch.fnmatchcase(name, p) for p in cli["allow_patterns"]) for name in wanted)
+    assert not any(fnmatch.fnmatchcase(name, p) for p in cli["allow_patterns"] for name in unwanted)
 
 
 def test_local_dataset_file_passes_through(tmp_path):
