@@ -13,9 +13,11 @@ from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.cli.download as hf_cli_download
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import safetensors.numpy
 import transformers
 from huggingface_hub.cli.hf import app as hf_cli
 
@@ -46,14 +48,14 @@ def cache_repo(cache: Path, repo_id: str, files: dict[str, bytes], commit: str, 
 
 
 def tiny_model_files(tmp_path: Path, hidden_size: int = 16) -> dict[str, bytes]:
-    """config.json + model.safetensors of a tiny random Qwen2 saved by transformers, plus files never fetched."""
+    """config.json written by transformers' Qwen2Config, one safetensors tensor, a tokenizer config."""
     config = transformers.Qwen2Config(vocab_size=32, hidden_size=hidden_size, intermediate_size=32,
                                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
     out = tmp_path / f"saved_{hidden_size}"
-    transformers.Qwen2ForCausalLM(config).save_pretrained(out)
-    files = {path.name: path.read_bytes() for path in out.iterdir() if path.is_file()}
-    files["tokenizer_config.json"] = b"{}"
-    return files
+    config.save_pretrained(out)
+    weights = {"model.embed_tokens.weight": np.zeros((32, hidden_size), np.float32)}
+    return {"config.json": (out / "config.json").read_bytes(), "model.safetensors": safetensors.numpy.save(weights),
+            "tokenizer_config.json": b"{}"}
 
 
 @pytest.fixture
