@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import huggingface_hub
+import yaml
 from huggingface_hub import errors as hub_errors
 from huggingface_hub.repocard import metadata_load
 
@@ -194,6 +195,7 @@ def resolve_model(spec: str | os.PathLike, revision: str | None = None, kind: Mo
 
     kind 'hf': a transformers directory; 'encoder': the same plus preprocessor_config.json, falling back
     to pytorch_model*.bin when the repo has no safetensors; 'rwkv_pth': `org/name:file.pth`, one file.
+    `revision` (branch, tag or sha) applies to hub ids only.
     """
     spec = os.fspath(spec)
     local = Path(spec).expanduser()
@@ -278,7 +280,10 @@ def _split_patterns(data_files: Any, split: str) -> tuple[str, ...]:
 def _card_patterns(snapshot: Path, config_name: str | None, split: str, spec: str) -> tuple[str, ...] | None:
     """Data-file globs for `split` from README.md's `configs:` block; None when the card has none."""
     card = snapshot / "README.md"
-    metadata = metadata_load(card) if card.is_file() else None
+    try:
+        metadata = metadata_load(card) if card.is_file() else None
+    except (ValueError, yaml.YAMLError) as error:
+        raise HubError(f"{card}: the dataset card's YAML header is invalid ({error})") from error
     configs = (metadata or {}).get("configs")
     if not configs:
         if config_name is not None:
