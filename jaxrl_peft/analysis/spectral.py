@@ -207,6 +207,28 @@ def analyze_pairs(pairs: Iterable[tuple[str, Any, Any]], k: int = 16, method: st
         yield {**describe(name), **result}
 
 
+def kernel_pairs(original: dict, trained: dict | Callable[[tuple[str, ...]], Any],
+                 include: Callable[[tuple[str, ...]], bool] | None = None) -> Iterator[tuple[str, Any, Any]]:
+    """(name, w0, w1) for each linear module of `original` that `include` accepts (default: all of them).
+
+    `trained` is a parameter tree of the same model (e.g. a merged export) or a function from a module
+    path to its trained kernel [in, out]; only one pair is produced at a time.
+    """
+    for path, kind, module in registry.modules(original):
+        if kind != "linear" or (include is not None and not include(path)):
+            continue
+        if callable(trained):
+            kernel = trained(path)
+        else:
+            node: Any = trained
+            for name in path:
+                if not isinstance(node, dict) or name not in node:
+                    raise ValueError(f"trained parameters have no module {'/'.join(path)!r}")
+                node = node[name]
+            kernel = node["kernel"]
+        yield "/".join(path), module["kernel"], kernel
+
+
 def analyze_run(peft_method: PeftMethod, params: dict, adapter: dict, k: int = 16, method: str = "full", *,
                 include: Callable[[tuple[str, ...]], bool] | None = None,
                 on_record: Callable[[dict[str, Any]], None] | None = None,
