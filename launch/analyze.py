@@ -57,7 +57,7 @@ def main(argv) -> None:
         if _ADAPTER.value:
             method, params, adapter = hf_peft.load_adapter(_ADAPTER.value, model.cfg, params)
             records = spectral.analyze_run(method, params, adapter, include=include, on_record=progress, **options)
-            source = {"adapter": _ADAPTER.value, "method": method.name}
+            source = {"adapter": _ADAPTER.value, "peft_method": method.name}
         else:
             _, trained = hf.load(_MERGED.value, dtype=_DTYPE.value)
             records = []
@@ -71,7 +71,10 @@ def main(argv) -> None:
     if not records:
         print("error: no adapted linear module matched", file=sys.stderr)
         sys.exit(2)
-    meta = {"checkpoint": _CHECKPOINT.value, **source, **options, "modules": list(patterns) or "all adapted"}
+    meta = {"checkpoint": _CHECKPOINT.value, **source, "k": _K.value, "svd": _SVD.value, "backend": backend,
+            "modules": list(patterns) or "all adapted"}
+    if _SVD.value == "randomized":
+        meta["dw_rank"] = _DW_RANK.value
     try:
         written = report.write_report(records, _OUT.value, meta, plots=_PLOTS.value)
     except ImportError as e:
