@@ -28,6 +28,7 @@ LOADERS: dict[str, Loader] = {
     "siglip": vit.load_from_config,
     "siglip_vision_model": vit.load_from_config,
     "siglip2": vit.load_from_config,  # fixed-resolution only; NaFlex checkpoints raise CheckpointError
+    "siglip2_vision_model": vit.load_from_config,
     "clip": vit.load_from_config,
     "clip_vision_model": vit.load_from_config,
     # --- audio encoders register here ---

@@ -81,8 +81,11 @@ def processor_config(source: str | os.PathLike | dict[str, Any]) -> ImageProcess
             source = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: invalid JSON ({e})") from e
-    kind = str(source.get("image_processor_type", "SiglipImageProcessor"))
-    base = kind.removesuffix("Fast").removesuffix("Pil")
+    kind = source.get("image_processor_type") or source.get("feature_extractor_type")
+    if not kind:
+        raise ValueError(f"{where}: needs 'image_processor_type' (or the older 'feature_extractor_type') "
+                         f"to know the processor's defaults; expected one of {sorted(_PROCESSOR_TYPES)}")
+    base = str(kind).removesuffix("Fast").removesuffix("Pil").replace("FeatureExtractor", "ImageProcessor")
     if base not in _PROCESSOR_TYPES:
         raise ValueError(f"{where}: image_processor_type {kind!r} is not supported; expected one of "
                          f"{sorted(_PROCESSOR_TYPES)} (SigLIP2 NaFlex processors are not supported)")
@@ -128,10 +131,11 @@ def to_rgb(image: ImageInput) -> np.ndarray:
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (1, 3, 4)):
+        channels = image.shape[-1] if image.ndim == 3 else 1
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
             raise ValueError(f"image arrays must be uint8 [H, W], [H, W, 1], [H, W, 3] or [H, W, 4]; got "
                              f"{image.dtype} {image.shape}")
-        image = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+        image = Image.fromarray(image[..., 0] if image.ndim == 3 and channels == 1 else image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected an image path, a PIL image or a uint8 array, got {type(image).__name__}")
     if "A" in image.getbands() or image.info.get("transparency") is not None:

@@ -42,7 +42,7 @@ _HF_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # model_type in config.json -> tower architecture.
 ARCH_OF_MODEL_TYPE = {"siglip": "siglip", "siglip_vision_model": "siglip", "siglip2": "siglip",
-                      "clip": "clip", "clip_vision_model": "clip"}
+                      "siglip2_vision_model": "siglip", "clip": "clip", "clip_vision_model": "clip"}
 _ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -99,8 +99,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> VisionCon
                               f"expected one of {sorted(ARCH_OF_MODEL_TYPE)}")
     vision = hf.get("vision_config", hf) if model_type in ("siglip", "siglip2", "clip") else hf
     vision = vision or {}
-    if model_type == "siglip2" and ("num_patches" in vision or "image_size" not in vision):
-        raise CheckpointError(f"{source}: a SigLIP2 NaFlex checkpoint (model_type 'siglip2', variable "
+    if model_type.startswith("siglip2") and ("num_patches" in vision or "image_size" not in vision):
+        raise CheckpointError(f"{source}: a SigLIP2 NaFlex checkpoint (model_type {model_type!r}, variable "
                               f"resolution via num_patches={vision.get('num_patches')}) is not supported; use a "
                               "fixed-resolution SigLIP2 checkpoint such as google/siglip2-base-patch16-384, "
                               "whose config.json says model_type 'siglip'")

@@ -29,8 +29,9 @@ VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
 TEXT = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, vocab_size=99,
             bos_token_id=0, eos_token_id=1, pad_token_id=1)
 TOL = 1e-4
+ONE_PER_ARCH = ("siglip_full", "clip_vision_sharded")
 
-# name -> (transformers model, save kwargs)
+# name -> factory of a tiny random transformers model ("sharded" ones are saved in several files)
 VARIANTS = {
     "siglip_full": lambda: transformers.SiglipModel(transformers.SiglipConfig(text_config=TEXT, vision_config=VISION)),
     "siglip_vision": lambda: transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)),
@@ -86,6 +87,7 @@ def test_features_match_transformers(saved):
     assert "text_model" not in params and "head" not in params  # only the vision tower is kept
 
 
+@pytest.mark.parametrize("saved", ONE_PER_ARCH, indirect=True)
 def test_bf16_params_stay_close(saved):
     _, model, path = saved
     encoder, params = encoders.load(path, dtype=jnp.bfloat16, compute_dtype=jnp.float32)
@@ -96,6 +98,7 @@ def test_bf16_params_stay_close(saved):
     assert 0 < np.abs(ours - ref).max() < 0.1
 
 
+@pytest.mark.parametrize("saved", ONE_PER_ARCH, indirect=True)
 def test_sharded_matches_single_device(saved):
     _, _, path = saved
     encoder, params = encoders.load(path)
@@ -116,7 +119,6 @@ def test_lora_on_encoder_matches_hf_peft(saved):
     params, adapter = registry.init_adapter(method, jax.random.key(0), params)
     assert sorted(adapter) == ["layers_0", "layers_1"]
     rng = np.random.default_rng(4)
-    adapter = jax.tree.map(lambda a: a, adapter)
     for layer in adapter.values():
         q = layer["self_attn"]["q_proj"]
         q["lora_b"] = jnp.asarray(rng.normal(scale=0.3, size=q["lora_b"].shape), jnp.float32)
@@ -140,11 +142,15 @@ def test_lora_on_encoder_matches_hf_peft(saved):
     assert np.abs(ours - ref).max() <= TOL
 
 
-def test_naflex_siglip2_is_rejected(tmp_path):
-    config = transformers.Siglip2Config(text_config=TEXT, vision_config=dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, patch_size=6,
-        num_patches=16))
-    transformers.Siglip2Model(config).save_pretrained(tmp_path)
+@pytest.mark.parametrize("vision_only", [False, True])
+def test_naflex_siglip2_is_rejected(vision_only, tmp_path):
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, patch_size=6,
+                  num_patches=16)
+    if vision_only:
+        model = transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**vision))
+    else:
+        model = transformers.Siglip2Model(transformers.Siglip2Config(text_config=TEXT, vision_config=vision))
+    model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="NaFlex"):
         encoders.load(tmp_path)
 
@@ -209,8 +215,12 @@ def test_preprocessing_matches_transformers(kind, tmp_path):
 def test_preprocessing_defaults_and_old_int_sizes():
     siglip = image_lib.processor_config({"image_processor_type": "SiglipImageProcessor"})
     assert siglip.resize_to == (224, 224) and siglip.crop_to is None and siglip.image_mean == (0.5, 0.5, 0.5)
-    clip = image_lib.processor_config({"image_processor_type": "CLIPImageProcessor", "size": 224, "crop_size": 224})
-    assert clip.shortest_edge == 224 and clip.crop_to == (224, 224)
+    # openai/clip-vit-large-patch14 style: an old feature extractor with int sizes
+    clip = image_lib.processor_config({"feature_extractor_type": "CLIPFeatureExtractor", "size": 224,
+                                       "crop_size": 224})
+    assert clip.shortest_edge == 224 and clip.crop_to == (224, 224) and clip.image_std[0] == 0.26862954
+    with pytest.raises(ValueError, match="image_processor_type"):
+        image_lib.processor_config({"size": 224})
     with pytest.raises(ValueError, match="Siglip2ImageProcessor"):
         image_lib.processor_config({"image_processor_type": "Siglip2ImageProcessor"})
 
