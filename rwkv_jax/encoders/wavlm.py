@@ -25,7 +25,8 @@ from jaxrl_peft.models.layers import LayerNorm, Linear, adapted_gain
 from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex
 from jaxrl_peft.peft.base import PeftMethod
 from rwkv_jax.encoders.whisper import (ACTIVATIONS, attention, check_unexpected, conv_kernel, conv_windows,
-                                       linear_kernel, read_config, read_params, tensor_prefix)
+                                       linear_kernel, read_config, read_params, split_heads,
+                                       tensor_prefix)
 
 MODEL_TYPES = ("wavlm",)
 
@@ -249,10 +250,9 @@ class WavLMAttention(nn.Module):
         bias = gate * position_bias[None]  # [B, H, T, T]
         if key_mask is not None:
             bias = jnp.where(key_mask[:, None, None, :], bias, -jnp.inf)
-        split = lambda y: y.reshape(batch, length, heads, -1)  # noqa: E731  [B, T, H, Dh]
-        q = split(Linear(dim, ("embed", "heads"), True, name="q_proj", **kw)(x))
-        k = split(Linear(dim, ("embed", "heads"), True, name="k_proj", **kw)(x))
-        v = split(Linear(dim, ("embed", "heads"), True, name="v_proj", **kw)(x))
+        q = split_heads(Linear(dim, ("embed", "heads"), True, name="q_proj", **kw)(x), heads)
+        k = split_heads(Linear(dim, ("embed", "heads"), True, name="k_proj", **kw)(x), heads)
+        v = split_heads(Linear(dim, ("embed", "heads"), True, name="v_proj", **kw)(x), heads)
         out = Linear(dim, ("heads", "embed"), True, name="out_proj", **kw)(attention(q, k, v, bias))
         return out, position_bias
 

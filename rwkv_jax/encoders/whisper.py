@@ -114,6 +114,11 @@ def check_unexpected(index: TensorIndex, used: set[str], prefix: str, path: Any,
                               f"{' ...' if len(unexpected) > 5 else ''} for a {kind}")
 
 
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """[B, T, H * Dh] -> [B, T, H, Dh]."""
+    return x.reshape(*x.shape[:2], heads, -1)
+
+
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """Softmax attention in fp32: q, k, v [B, T, H, Dh], additive bias [B, H, T, T] -> [B, T, H * Dh]."""
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -173,10 +178,9 @@ class WhisperAttention(nn.Module):
         cfg = self.config
         lin = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft)
         heads = cfg.encoder_attention_heads
-        split = lambda y: y.reshape(*y.shape[:2], heads, -1)  # noqa: E731  [B, T, H, Dh]
-        q = split(Linear(cfg.d_model, ("embed", "heads"), True, name="q_proj", **lin)(x))
-        k = split(Linear(cfg.d_model, ("embed", "heads"), False, name="k_proj", **lin)(x))
-        v = split(Linear(cfg.d_model, ("embed", "heads"), True, name="v_proj", **lin)(x))
+        q = split_heads(Linear(cfg.d_model, ("embed", "heads"), True, name="q_proj", **lin)(x), heads)
+        k = split_heads(Linear(cfg.d_model, ("embed", "heads"), False, name="k_proj", **lin)(x), heads)
+        v = split_heads(Linear(cfg.d_model, ("embed", "heads"), True, name="v_proj", **lin)(x), heads)
         return Linear(cfg.d_model, ("heads", "embed"), True, name="out_proj", **lin)(attention(q, k, v))
 
 
