@@ -45,15 +45,22 @@ _BOX_NAME_RE = re.compile(r"([A-Za-z](?:_\{?\w{1,4}\}?)?)\s*=\s*$")
 _IS_SPLIT_RE = re.compile(r"\s(?:is|are|equals)\s", re.IGNORECASE)
 # A LaTeX environment as math-verify finds it: $$..$$, \[..\], $..$ (one line), \(..\) (one line).
 _ENV = (
-    r"(?:(?<!\\)\$\$(?P<env1>(?:[^$]|\$(?!\$)){1,2000}?)(?<!\\)\$\$"
-    r"|(?<!\\)\\\[(?P<env2>(?:[^\\]|\\(?!\])){1,2000}?)(?<!\\)\\\]"
-    r"|(?<![\\\d])\$(?P<env3>(?:\\\$|[^\n$]){1,2000}?)(?<!\\)\$"
-    r"|(?<!\\)\\\((?P<env4>(?:[^\\\n]|\\(?!\))){1,2000}?)(?<!\\)\\\))"
+    r"(?:(?<!\\)\$\$(?P<env1>(?:[^$]|\$(?!\$)){1,1000}?)(?<!\\)\$\$"
+    r"|(?<!\\)\\\[(?P<env2>(?:[^\\]|\\(?!\])){1,1000}?)(?<!\\)\\\]"
+    r"|(?<![\\\d])\$(?P<env3>(?:\\\$|[^\n$]){1,1000}?)(?<!\\)\$"
+    r"|(?<!\\)\\\((?P<env4>(?:[^\\\n]|\\(?!\))){1,1000}?)(?<!\\)\\\))"
 )
 _FINAL_HOPE_RE = re.compile(r"(?i:final answer is):?\s*" + _ENV + r"\.?\s?I hope", re.DOTALL)
 _FINAL_IS_RE = re.compile(r"(?i:final answer.{0,100}?)\s+is:?\s*" + _ENV, re.DOTALL)
 _ANSWER_COLON_ENV_RE = re.compile(r"(?i:answer):.{0,50}?" + _ENV, re.DOTALL)
 _ANSWER_ENV_RE = re.compile(r"(?i:answer).{0,50}?" + _ENV, re.DOTALL)
+_MAX_ANCHORS_TRIED = 8
+_ANCHORS = {
+    _FINAL_HOPE_RE: re.compile(r"(?i:final answer is)"),
+    _FINAL_IS_RE: re.compile(r"(?i:final answer)"),
+    _ANSWER_COLON_ENV_RE: re.compile(r"(?i:answer):"),
+    _ANSWER_ENV_RE: re.compile(r"(?i:answer)"),
+}
 _GOLD_TEXT_RE = re.compile(r"\\boxed|\\fbox|\$|\\\(|\\\[")
 _CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
 _BIG_FACTORIAL_RE = re.compile(r"\d{5,}\s*!|!\s*[)}\]]\s*!")
@@ -154,11 +161,15 @@ def _env_content(match: re.Match) -> str:
 
 
 def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
-    """Rightmost (last non-overlapping) match of `pattern` in `text`."""
-    last = None
-    for last in pattern.finditer(text):
-        pass
-    return last
+    """Match of `pattern` at the last of its anchor's occurrences where it matches (only the last
+    _MAX_ANCHORS_TRIED are tried, so that a text full of anchors costs little)."""
+    anchor = _ANCHORS[pattern]
+    starts = collections.deque((m.start() for m in anchor.finditer(text)), maxlen=_MAX_ANCHORS_TRIED)
+    for start in reversed(starts):
+        found = pattern.match(text, start)
+        if found is not None:
+            return found
+    return None
 
 
 def _clean_answer_value(value: str) -> str | None:

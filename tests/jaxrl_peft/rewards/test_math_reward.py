@@ -181,6 +181,8 @@ HOSTILE = {
     "megabyte_boxes": "\\boxed{1}" * 200_000,
     "binary_junk": bytes(_rng.randrange(256) for _ in range(200_000)).decode("latin-1"),
     "nul_bytes": "\\boxed{1\x00\x00}",
+    "unclosed_anchored_envs": "answer \\( x" * 20000,
+    "many_final_answers": "final answer " + "is \\[ " * 20000,
     "raw_bytes": b"\\boxed{\xff\xfe1}",
 }
 
