@@ -34,7 +34,35 @@ _ANSWER_LINE_RE = re.compile(
     r"^[ \t>#*_]*(?:final[ \t]+)?answer[ \t]*[*_]*[ \t]*[:：](.*)$",
     re.IGNORECASE | re.MULTILINE,
 )
-_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]")
+_MAX_BOX_GAP = 80
+# Only separators between two boxes: spaces, punctuation, `and` / `or`, math delimiters, spacing
+# commands, short `\\text{...}`, and `name =` before the next box.
+_BOX_GAP_RE = re.compile(
+    r"(?:\s|[,;.&]|\band\b|\bor\b|\$|\\[()\[\]]|\\q?quad\b|\\[,;:! ]|\\\\"
+    r"|\\text\s*\{[^{}]{0,40}\}|[A-Za-z](?:_\{?\w{1,4}\}?)?\s*=)*"
+)
+_BOX_NAME_RE = re.compile(r"([A-Za-z](?:_\{?\w{1,4}\}?)?)\s*=\s*$")
+_IS_SPLIT_RE = re.compile(r"\s(?:is|are|equals)\s", re.IGNORECASE)
+# A LaTeX environment as math-verify finds it: $$..$$, \[..\], $..$ (one line), \(..\) (one line).
+_ENV = (
+    r"(?:(?<!\\)\$\$(?P<env1>(?:[^$]|\$(?!\$)){1,1000}?)(?<!\\)\$\$"
+    r"|(?<!\\)\\\[(?P<env2>(?:[^\\]|\\(?!\])){1,1000}?)(?<!\\)\\\]"
+    r"|(?<![\\\d])\$(?P<env3>(?:\\\$|[^\n$]){1,1000}?)(?<!\\)\$"
+    r"|(?<!\\)\\\((?P<env4>(?:[^\\\n]|\\(?!\))){1,1000}?)(?<!\\)\\\))"
+)
+_FINAL_HOPE_RE = re.compile(r"(?i:final answer is):?\s*" + _ENV + r"\.?\s?I hope", re.DOTALL)
+_FINAL_IS_RE = re.compile(r"(?i:final answer.{0,100}?)\s+is:?\s*" + _ENV, re.DOTALL)
+_ANSWER_COLON_ENV_RE = re.compile(r"(?i:answer):.{0,50}?" + _ENV, re.DOTALL)
+_ANSWER_ENV_RE = re.compile(r"(?i:answer).{0,50}?" + _ENV, re.DOTALL)
+_MAX_ANCHORS_TRIED = 8
+_ANCHORS = {
+    _FINAL_HOPE_RE: re.compile(r"(?i:final answer is)"),
+    _FINAL_IS_RE: re.compile(r"(?i:final answer)"),
+    _ANSWER_COLON_ENV_RE: re.compile(r"(?i:answer):"),
+    _ANSWER_ENV_RE: re.compile(r"(?i:answer)"),
+}
+_GOLD_TEXT_RE = re.compile(r"\\boxed|\\fbox|\$|\\\(|\\\[")
+_CONTROL_RE = re.compile("[\x00-\x08\x0e-\x1f\x7f\ufffd]")
 _BIG_FACTORIAL_RE = re.compile(r"\d{5,}\s*!|!\s*[)}\]]\s*!")
 _HUGE_EXPONENT_RE = re.compile(r"\^\s*\{?\s*\d{6,}")
 _NUMERIC_TOWER_RE = re.compile(r"\d\s*\^\s*(?:\{[\d\s.+\-*()]*|\(?[\d\s.]*)\^|\d\s*\*\*\s*\(?\d[\d\s.]*\*\*")
@@ -48,8 +76,14 @@ _NUMBER_RE = re.compile(
     r"|(?P<num2>\d{1,60})/(?P<den2>\d{1,60}))"
 )
 _ASSIGNMENT_RE = re.compile(r"[a-zA-Z]\s*=\s*(.+)", re.DOTALL)
-_SPACE_PUNCT_RE = re.compile(r"\s*([^\w\s\\])\s*")
-_DROP_RE = re.compile(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[!,;:]")
+# Spaces around punctuation go, except after a comma: `32, 349` is a list, `32,349` a number.
+_SPACE_PUNCT_RE = re.compile(r"\s*([^\w\s\\])(\s*)")
+# `\\ ` is a LaTeX space but `\\\\ ` a row break followed by a space: pairs of backslashes go first.
+_LATEX_SPACE_RE = re.compile(r"(\\\\)|\\ ")
+_THOUSANDS_BRACE_RE = re.compile(r"(?<!\\)\{\s*,\s*\}")
+_DECIMAL_COMMA_RE = re.compile(r"-?\d+,\d+")
+_THOUSANDS_RE = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+")
+_DROP_RE = re.compile(r"\\(?:left|right|displaystyle)(?![a-zA-Z])|\\[!,;:]\s*")
 
 
 def _matching_brace(text: str, open_pos: int, limit: int) -> int:
@@ -65,12 +99,13 @@ def _matching_brace(text: str, open_pos: int, limit: int) -> int:
     return -1
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last closed `\\boxed{...}` / `\\fbox{...}` (nested braces), or None. A box cut off
-    by the end of the text is skipped; one still open after MAX_ANSWER_CHARS is returned over-long,
-    so that the caller refuses it."""
-    starts = collections.deque((m.end() for m in _BOXED_RE.finditer(text)), maxlen=_MAX_BOXED_TRIED)
-    for pos in reversed(starts):
+def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of the last closed `\\boxed{...}` / `\\fbox{...}` boxes, in order (at most
+    _MAX_BOXED_TRIED). A box cut off by the end of the text is skipped; one still open after
+    MAX_ANSWER_CHARS ends the list with its over-long content, so that the caller refuses it."""
+    starts = collections.deque(((m.start(), m.end()) for m in _BOXED_RE.finditer(text)), maxlen=_MAX_BOXED_TRIED)
+    spans: list[tuple[int, int, str]] = []
+    for start, pos in starts:
         rest = text[pos : pos + 2 * MAX_ANSWER_CHARS]
         stripped = rest.lstrip()
         if stripped.startswith("{"):
@@ -78,48 +113,120 @@ def _last_boxed(text: str) -> str | None:
             close = _matching_brace(text, open_pos, MAX_ANSWER_CHARS)
             if close < 0:
                 if len(text) - open_pos > MAX_ANSWER_CHARS + 1:
-                    return text[open_pos + 1 : open_pos + 2 + MAX_ANSWER_CHARS]
+                    spans.append((start, len(text), text[open_pos + 1 : open_pos + 2 + MAX_ANSWER_CHARS]))
                 continue
-            return text[open_pos + 1 : close]
-        if rest[:1] == " ":
+            spans.append((start, close + 1, text[open_pos + 1 : close]))
+        elif rest[:1] == " ":
             token = stripped.split(None, 1)[0] if stripped else ""
             token = token.split("$", 1)[0]
             if token:
-                return token
+                spans.append((start, pos + 1 + len(token), token))
+    spans.sort()
+    return [span for k, span in enumerate(spans) if k == 0 or span[0] >= spans[k - 1][1]]
+
+
+def _boxed_answer(text: str) -> tuple[int, str] | None:
+    """(end, answer) of the last box, joined with the boxes right before it when only separators lie
+    between them (`\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)}` -> `(2, 2), (6, 2)`, as math-verify
+    joins them); None without a closed box."""
+    spans = _boxed_spans(text)
+    if not spans:
+        return None
+    group = [spans[-1]]
+    for span in reversed(spans[:-1]):
+        gap = text[span[1] : group[0][0]]
+        if len(gap) > _MAX_BOX_GAP or _BOX_GAP_RE.fullmatch(gap) is None:
+            break
+        group.insert(0, span)
+    if len(group) == 1:
+        return group[0][1], group[0][2]
+    items: list[str] = []
+    for start, _, content in group:
+        named = _BOX_NAME_RE.search(text, max(0, start - 40), start)
+        item = f"{named.group(1)} = {content}" if named is not None else content
+        if item not in items:
+            items.append(item)
+    return group[-1][1], ", ".join(items)
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last closed box (joined with adjacent boxes), or None."""
+    found = _boxed_answer(text)
+    return None if found is None else found[1]
+
+
+def _env_content(match: re.Match) -> str:
+    """The math inside the first LaTeX environment group of an anchor match."""
+    return next(v for k, v in match.groupdict().items() if k.startswith("env") and v is not None)
+
+
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    """Match of `pattern` at the last of its anchor's occurrences where it matches (only the last
+    _MAX_ANCHORS_TRIED are tried, so that a text full of anchors costs little)."""
+    anchor = _ANCHORS[pattern]
+    starts = collections.deque((m.start() for m in anchor.finditer(text)), maxlen=_MAX_ANCHORS_TRIED)
+    for start in reversed(starts):
+        found = pattern.match(text, start)
+        if found is not None:
+            return found
     return None
 
 
+def _clean_answer_value(value: str) -> str | None:
+    """An `Answer:` line's value without prose, `$`, bold or the final period
+    (`The largest $n$ is 34.` -> `34`)."""
+    value = value.strip().strip("*_").strip()
+    inner = _last_boxed(value)
+    if inner is not None:
+        return inner
+    tail = _IS_SPLIT_RE.split(value)[-1].strip()
+    if tail.rstrip(".").strip(" $"):
+        value = tail
+    value = value.rstrip(".").strip()
+    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if value.startswith(left) and value.endswith(right) and len(value) >= len(left) + len(right):
+            value = value[len(left) : len(value) - len(right)].strip()
+            break
+    return value.rstrip(".").strip() or None
+
+
 def _answer_line(text: str) -> str | None:
-    """Value of the last `Answer: ...` line (DAPO format), with `$`, bold and a final period stripped."""
+    """Value of the last `Answer: ...` line (DAPO format), cleaned by _clean_answer_value."""
     tail = text[-_ANSWER_LINE_TAIL:]
     value = None
     for m in _ANSWER_LINE_RE.finditer(tail):
         if m.group(1).strip(" \t*_$"):
             value = m.group(1)
-    if value is None:
-        return None
-    value = value.strip().strip("*_").strip()
-    for left, right in (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
-        if value.startswith(left) and value.endswith(right) and len(value) >= len(left) + len(right):
-            value = value[len(left) : len(value) - len(right)].strip()
-            break
-    inner = _last_boxed(value)
-    if inner is not None:
-        return inner
-    return value.rstrip(".").strip() or None
+    return None if value is None else _clean_answer_value(value)
 
 
 def extract_answer(completion: str) -> str | None:
-    """Final answer of an R1-style completion: text after the last `</think>` (when present), then the
-    last `\\boxed{...}`, else the last `Answer:` line. None when there is no answer."""
+    """Final answer of an R1-style completion, looked for after the last `</think>` (when present) in
+    math-verify's order of anchors: the last box (with the boxes joined to it) or `final answer is $x$.
+    I hope`, whichever ends last; then `final answer ... is $x$`; then the last `Answer:` line; then
+    `answer` followed by a LaTeX environment. None when there is no answer."""
     if not isinstance(completion, str):
         return None
     cut = completion.rfind("</think>")
     text = completion[cut + len("</think>") :] if cut >= 0 else completion
-    boxed = _last_boxed(text)
+    tail = text[-_ANSWER_LINE_TAIL:]
+    boxed = _boxed_answer(text)
+    hope = _last_match(_FINAL_HOPE_RE, tail)
+    if hope is not None and (boxed is None or len(text) - len(tail) + hope.end() > boxed[0]):
+        return _env_content(hope).strip()
     if boxed is not None:
-        return boxed
-    return _answer_line(text)
+        return boxed[1]
+    final_is = _last_match(_FINAL_IS_RE, tail)
+    if final_is is not None:
+        return _env_content(final_is).strip()
+    line = _answer_line(text)
+    if line is not None:
+        return line
+    for pattern in (_ANSWER_COLON_ENV_RE, _ANSWER_ENV_RE):
+        found = _last_match(pattern, tail)
+        if found is not None:
+            return _env_content(found).strip()
+    return None
 
 
 def normalize_answer(answer: str) -> str:
@@ -128,14 +235,25 @@ def normalize_answer(answer: str) -> str:
     if s.startswith("$") and s.endswith("$"):
         s = s.strip("$")
     s = _DROP_RE.sub("", s)
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\ ", " ")
+    s = _LATEX_SPACE_RE.sub(lambda m: m.group(1) or " ", s)
+    s = _THOUSANDS_BRACE_RE.sub(",", s)
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = _FRAC_DIGITS_RE.sub(r"\\frac{\1}{\2}", s)
     s = _FRAC_BRACE_DIGIT_RE.sub(r"\\frac\1{\2}", s)
     s = _FRAC_DIGIT_BRACE_RE.sub(r"\\frac{\1}\2", s)
     s = _SQRT_RE.sub(r"\\sqrt{\1}", s)
     s = _SCI_RE.sub(r"\1\\times10^{\2}", s)
-    s = _SPACE_PUNCT_RE.sub(r"\1", " ".join(s.split()))
+    s = _SPACE_PUNCT_RE.sub(lambda m: ", " if m.group(1) == "," and m.group(2) else m.group(1), " ".join(s.split()))
     s = s.rstrip(".").strip()
+    return s
+
+
+def normalize_gold(gold: str) -> str:
+    """normalize_answer, and a lone gold number with a decimal comma (`1,22`, `0,111`; not `1,000`)
+    read as math-verify reads gold numbers: a decimal."""
+    s = normalize_answer(gold)
+    if _DECIMAL_COMMA_RE.fullmatch(s) and not _THOUSANDS_RE.fullmatch(s):
+        s = s.replace(",", ".")
     return s
 
 
@@ -249,14 +367,21 @@ def _worker_main() -> None:
         return parse("\\boxed{" + s + "}", extraction_config=config, parsing_timeout=None)
 
     @functools.lru_cache(maxsize=16384)
-    def parse_gold(gold: str) -> list:
-        return [p for p in parse_answer(gold) if not isinstance(p, str)]
+    def parse_gold(gold: str) -> tuple:
+        """A bare gold expression is parsed as if boxed; gold text with LaTeX delimiters or boxes (a
+        worked solution) as the study parses it: math-verify's default extraction."""
+        parsed = []
+        if _GOLD_TEXT_RE.search(gold):
+            parsed = [p for p in parse(gold, parsing_timeout=None) if not isinstance(p, str)]
+        gold_n = normalize_gold(gold)
+        if not parsed and len(gold_n) <= MAX_ANSWER_CHARS:
+            parsed = [p for p in parse_answer(gold_n) if not isinstance(p, str)]
+        return tuple(parsed)
 
     def score(answer: str, gold: str) -> float:
-        gold_n = normalize_answer(gold)
-        gold_parsed = parse_gold(gold_n) if len(gold_n) <= MAX_ANSWER_CHARS else []
+        gold_parsed = list(parse_gold(gold))
         if not gold_parsed:
-            return float(_string_key(answer) == _string_key(gold_n))
+            return float(_string_key(answer) == _string_key(normalize_gold(gold)))
         pred = parse_answer(answer)
         if not pred:
             return 0.0
@@ -424,7 +549,7 @@ class MathRewardPool:
                     self.stats["refused" if answer is not None else "no_answer"] += 1
                     continue
                 gold = g.strip()
-                gold_n = normalize_answer(gold)
+                gold_n = normalize_gold(gold)
                 answer = strip_assignment(normalize_answer(answer), gold_n)
                 verdict = 1.0 if answer and answer == gold_n else numeric_verdict(answer, gold_n)
                 if verdict is not None:

@@ -109,6 +109,35 @@ CASES = [
     (r1("The answer is 204 but I box \\boxed{203}"), "204", 0.0),
     (r1("\\boxed{\\frac{1}{2}}"), "0.51", 0.0),
     (r1("\\boxed{x = 6}"), "5", 0.0),
+    # issue 14: LaTeX row breaks followed by a space
+    (r1("\\boxed{\\begin{pmatrix}1 & 2 \\\\ 3 & 4\\end{pmatrix}}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 1.0),
+    (r1("\\boxed{\\begin{pmatrix}1 & 2 \\\\ 3 & 5\\end{pmatrix}}"), "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", 0.0),
+    (r1("\\boxed{\\begin{pmatrix} 3 \\\\ -1 \\end{pmatrix}}"), "\\begin{pmatrix}3\\\\-1\\end{pmatrix}", 1.0),
+    # answers in several boxes are joined; words between boxes keep only the last
+    (r1("$$\\boxed{(2, 2)} \\quad \\text{and} \\quad \\boxed{(6, 2)}$$"), "(2, 2), (6, 2)", 1.0),
+    (r1("\\boxed{1}, \\boxed{2} and \\boxed{3}"), "1, 2, 3", 1.0),
+    (r1("\\boxed{1}, \\boxed{2} and \\boxed{3}"), "3", 0.0),
+    (r1("\\(y_1 = \\boxed{2x} \\) and \\( y_2 = \\boxed{3x} \\)"), "y_1 = 2x, y_2 = 3x", 1.0),
+    (r1("I first got \\boxed{3}, which is wrong; so \\boxed{4}."), "4", 1.0),
+    # a comma followed by a space separates items; without the space it groups thousands
+    (r1("is $\\boxed{32, 349}$"), "32349", 0.0),
+    (r1("is $\\boxed{32,349}$"), "32349", 1.0),
+    (r1("is $\\boxed{32,\\! 349}$"), "32349", 1.0),
+    (r1("The final answer is $14{,}916$. I hope it is correct."), "14916", 1.0),
+    # Answer: lines keep the answer, not the sentence
+    (r1("Final Answer: The largest $n$ is 34."), "34", 1.0),
+    (r1("Final Answer: The largest $n$ is 35."), "34", 0.0),
+    # answers after an anchor in prose (math-verify's anchors)
+    (r1("so \\boxed{200} and \\boxed{255} in between. Final Answer: The final answer is $10,455$. I hope it is correct."),
+     "10455", 1.0),
+    (r1("Answer \\[ 9 \\]"), "9", 1.0),
+    (r1("Answer $ \\frac{1}{2} \\$ = \\frac{10}{9} $"), "10/9", 1.0),
+    (r1("The final answer, after all this, is $x \\geq 5$"), "x \\geq 5", 1.0),
+    (r1("The final answer, after all this, is $x \\geq 6$"), "x \\geq 5", 0.0),
+    # a worked solution as gold is read the way the study reads it
+    (r1("\\boxed{28\\%}"), "so the loss is $\\boxed{28\\%}$ in all.", 1.0),
+    (r1("\\boxed{27\\%}"), "so the loss is $\\boxed{28\\%}$ in all.", 0.0),
+    (r1("\\boxed{1.22}"), "1,22", 1.0),
     # strings as code are never run
     (r1("\\boxed{__import__('os').system('false')}"), "0", 0.0),
 ]
@@ -152,6 +181,8 @@ HOSTILE = {
     "megabyte_boxes": "\\boxed{1}" * 200_000,
     "binary_junk": bytes(_rng.randrange(256) for _ in range(200_000)).decode("latin-1"),
     "nul_bytes": "\\boxed{1\x00\x00}",
+    "unclosed_anchored_envs": "answer \\( x" * 20000,
+    "many_final_answers": "final answer " + "is \\[ " * 20000,
     "raw_bytes": b"\\boxed{\xff\xfe1}",
 }
 
