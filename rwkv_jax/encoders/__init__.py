@@ -15,15 +15,29 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+import jax
+
+from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models.safetensors_io import CheckpointError
-from rwkv_jax.encoders import vit
+from rwkv_jax.encoders import vit, wavlm, whisper
 
 Loader = Callable[..., tuple[nn.Module, dict]]
 
+
+def _audio(load_fn: Callable[..., tuple[nn.Module, dict]]) -> Loader:
+    """An audio loader (path, dtype) in the table's signature; its weights are replicated on `mesh`."""
+    def loader(path: Path, hf_config: dict, *, dtype: Any, compute_dtype: Any = None, mesh: Mesh | None = None):
+        del hf_config
+        if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.dtype(dtype):
+            raise ValueError(f"{path}: the audio encoders compute in their parameter dtype ({jnp.dtype(dtype).name})")
+        encoder, params = load_fn(path, dtype=dtype)
+        if mesh is not None:
+            params = jax.device_put(params, mesh_lib.replicated(mesh))
+        return encoder, params
+    return loader
+
 # ------------------------------------------------------------------------------------------------
-# Dispatch table: model_type (config.json) -> loader. Vision towers are registered here; the audio
-# encoders (whisper.py, wavlm.py) add their model_types ('whisper', 'wavlm', ...) below the marker,
-# or call `register` from their own module.
+# Dispatch table: model_type (config.json) -> loader.
 LOADERS: dict[str, Loader] = {
     "siglip": vit.load_from_config,
     "siglip_vision_model": vit.load_from_config,
@@ -31,7 +45,8 @@ LOADERS: dict[str, Loader] = {
     "siglip2_vision_model": vit.load_from_config,
     "clip": vit.load_from_config,
     "clip_vision_model": vit.load_from_config,
-    # --- audio encoders register here ---
+    **{t: _audio(whisper.load_whisper) for t in whisper.MODEL_TYPES},
+    **{t: _audio(wavlm.load_wavlm) for t in wavlm.MODEL_TYPES},
 }
 # ------------------------------------------------------------------------------------------------
 
