@@ -39,18 +39,26 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
     c.rl = ml_collections.ConfigDict(dict(
-        loss="dapo",  # 'grpo' (sequence mean) | 'dapo' (token mean over the batch) | 'dr_grpo'
-        group_size=8,
+        loss="dapo",  # aggregation: 'grpo' (sequence mean) | 'dapo' (token mean over the batch) | 'dr_grpo'
+        objective="clip",  # 'clip' (PPO-style clipped surrogate) | 'cispo' (-sg(min(ratio, cispo_cap)) A log p)
+        cispo_cap=5.0,  # CISPO only: cap of its stop-gradient importance weight (TRL's recommended 5)
+        importance_sampling_level="token",  # 'token' | 'sequence' (GSPO: exp of the mean token log-ratio)
+        group_size=8,  # completions per prompt (>= 2)
         prompts_per_step=32 if tiny else 16,
         epsilon_low=0.2,
         epsilon_high=0.28,
+        delta=0.0,  # two-sided clipping: cap of the ratio in the unclipped term (TRL's delta; > 1+epsilon_high; 0: off)
         kl_coef=0.0,  # no reference model, no KL (the study)
-        kl_estimator="k3",
-        scale_rewards=True,  # divide advantages by the group std (+1e-4)
-        dynamic_sampling=False,  # DAPO filter of all-equal groups (the study: off)
+        kl_estimator="k3",  # 'k1' | 'k3' | 'k3_corrected' (k3 times the ratio: TRL 1.16's default)
+        scale_rewards="group",  # advantage / std of the 'group' | the whole 'batch' (all hosts) | 'none' (Dr. GRPO)
+        mask_truncated_completions=False,  # completions cut at max_new_tokens leave the loss (DAPO)
+        dynamic_sampling=False,  # DAPO: drop all-equal groups and sample more prompts to refill the step
+        max_sampling_rounds=3,  # dynamic sampling: extra rounds at most; at the cap the step trains on what it has
         overlong_buffer=0,  # soft overlong penalty window in tokens (0: off)
         overlong_penalty=1.0,
-        tis_cap=2.0,  # truncated importance weight sampler->learner (0: off)
+        tis_cap=2.0,  # sampler/learner importance weight cap (0: off)
+        tis_floor=0.0,  # ... and floor (0: none)
+        tis_mode="token_truncate",  # weight per 'token' or per 'sequence', '_truncate' to [floor, cap] or '_mask'
         updates_per_batch=1,
         micro_batch_size=128 if tiny else 8,  # sequences per forward/backward (gradient accumulation)
         max_prompt_tokens=512,

@@ -70,6 +70,34 @@ def experience_width(prompt_ids: Sequence[Sequence[int]], lengths: Sequence[int]
     return -(-total // bucket) * bucket
 
 
+@dataclasses.dataclass
+class Sampled:
+    """Completions of this host's prompts (groups contiguous) and their grades."""
+
+    ids: list[list[int]]  # prompt tokens per row
+    out: rollout.Rollout  # numpy
+    correct: np.ndarray  # [B] 1.0 where the answer is right
+    rewards: np.ndarray  # [B] correct + overlong penalty
+    informative: np.ndarray  # [B] True for every row of a group whose rewards are not all equal
+    truncated_prompts: int
+    time_rollout: float
+    time_reward: float
+
+    @staticmethod
+    def concatenate(parts: Sequence["Sampled"]) -> "Sampled":
+        if len(parts) == 1:
+            return parts[0]
+        width = max(p.out.tokens.shape[1] for p in parts)
+        pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
+        out = rollout.Rollout(*(np.concatenate([pad(np.asarray(getattr(p.out, f))) if np.ndim(getattr(p.out, f)) == 2
+                                                else np.asarray(getattr(p.out, f)) for p in parts])
+                                for f in rollout.Rollout._fields))
+        return Sampled(sum((p.ids for p in parts), []), out, *(np.concatenate([getattr(p, f) for p in parts])
+                                                               for f in ("correct", "rewards", "informative")),
+                       sum(p.truncated_prompts for p in parts), sum(p.time_rollout for p in parts),
+                       sum(p.time_reward for p in parts))
+
+
 def check_config(c: ml_collections.ConfigDict) -> None:
     """Refuses settings that cannot train, naming the flag (before any weight is loaded)."""
     rl = c.rl
@@ -80,8 +108,15 @@ def check_config(c: ml_collections.ConfigDict) -> None:
         if rl[name] < 1 or rl[name] % jax.process_count():
             raise loop.ConfigError(f"config rl.{name}={rl[name]} must be >= 1 and divide evenly over "
                              f"{jax.process_count()} hosts")
-    if rl.loss not in ("grpo", "dapo", "dr_grpo"):
-        raise loop.ConfigError(f"config rl.loss must be 'grpo', 'dapo' or 'dr_grpo', got {rl.loss!r}")
+    choices = {"loss": ("grpo", "dapo", "dr_grpo"), "objective": ("clip", "cispo"),
+               "importance_sampling_level": ("token", "sequence"), "kl_estimator": ("k1", "k3", "k3_corrected"),
+               "tis_mode": ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+               "scale_rewards": ("group", "batch", "none", True, False)}
+    for name, allowed in choices.items():
+        if rl[name] not in allowed:
+            raise loop.ConfigError(f"config rl.{name}={rl[name]!r}: expected one of {list(allowed)}")
+    if rl.max_sampling_rounds < 0:
+        raise loop.ConfigError(f"config rl.max_sampling_rounds={rl.max_sampling_rounds} must be >= 0")
     if rl.updates_per_batch < 1 or rl.max_new_tokens < 1 or rl.max_prompt_tokens < 1:
         raise loop.ConfigError("config rl.updates_per_batch, rl.max_new_tokens and rl.max_prompt_tokens must be >= 1")
     if c.eval.samples < 1 or c.eval.batch_size < 1:
@@ -112,8 +147,12 @@ class GRPOTask:
     eval_metric = "heldout_accuracy"
     progress_keys = ("reward", "accuracy", "response_length", "loss", "entropy", "tokens_per_s")
 
-    def __init__(self, c: ml_collections.ConfigDict, records: Sequence[dict[str, str]] | None = None):
+    def __init__(self, c: ml_collections.ConfigDict, records: Sequence[dict[str, str]] | None = None,
+                 scorer: math_eval.Scorer | None = None):
+        """`records` replace the config's training data; `scorer(completions, golds) -> rewards` replaces
+        the math reward (tests)."""
         check_config(c)
+        self._scorer = scorer
         self.c = c
         self.micro_batch_size = c.rl.micro_batch_size
         self.updates_per_batch = c.rl.updates_per_batch
@@ -137,7 +176,7 @@ class GRPOTask:
         self.sampler = rollout.Sampler(self.model, rollout.SamplingConfig(rl.max_new_tokens, rl.temperature,
                                                                           rl.top_p, rl.top_k),
                                        pad_id=self.tokenizer.pad_id, stop_tokens=stop, mesh=mesh)
-        self.rewards = reward_lib.MathRewardPool(workers=c.get("reward_workers", 2))
+        self.rewards = self._scorer or reward_lib.MathRewardPool(workers=c.get("reward_workers", 2))
         per_host = rl.prompts_per_step // jax.process_count()  # each host reads its own shard
         records = self._records if self._records is not None else train_records(c)
         self.dataset = pipeline.math_dataset(records, per_host, seed=c.seed, shuffle=c.data.shuffle)
@@ -165,17 +204,51 @@ class GRPOTask:
 
     def next_batch(self, step: int, frozen: Any, adapter: Any
                    ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
-        g = self.c.rl.group_size
-        batch = next(self.iterator)
-        problems = [p for p in batch["problem"] for _ in range(g)]
-        golds = [a for a in batch["answer"] for _ in range(g)]
+        """The step's training rows. With dynamic sampling, groups whose rewards are all equal carry no
+        signal and are dropped, and more prompts are sampled until every host holds its share of
+        informative groups (the step's full batch) or `rl.max_sampling_rounds` extra rounds are spent."""
+        rl = self.c.rl
         key = jax.random.fold_in(jax.random.fold_in(self.seed_key, loop.ROLLOUT), step)
-        return self.experience(frozen, adapter, problems, golds, key)
+        rounds: list[Sampled] = []
+        need = rl.prompts_per_step // jax.process_count()
+        while True:
+            batch = next(self.iterator)
+            problems = [p for p in batch["problem"] for _ in range(rl.group_size)]
+            golds = [a for a in batch["answer"] for _ in range(rl.group_size)]
+            round_key = key if not rounds else jax.random.fold_in(key, len(rounds))
+            rounds.append(self.sample_and_grade(frozen, adapter, problems, golds, round_key))
+            if not rl.dynamic_sampling:
+                break
+            have = sum(int(r.informative.sum()) for r in rounds) // rl.group_size
+            short = int(mesh_lib.gather_hosts(max(need - have, 0)).sum())  # groups missing, over all hosts
+            if short == 0 or len(rounds) > rl.max_sampling_rounds:
+                break
+        sampled = Sampled.concatenate(rounds)
+        keep = sampled.informative if rl.dynamic_sampling else np.ones(len(sampled.rewards), bool)
+        keep = keep & (np.cumsum(keep) <= need * rl.group_size)  # this host's first `need` kept groups
+        rows, totals, metrics = self.rows(sampled, keep)
+        if rl.dynamic_sampling:
+            trained = int(mesh_lib.gather_hosts(keep.sum()).sum()) // rl.group_size
+            metrics.update({
+                "sampling_rounds": len(rounds) - 1,
+                "groups_sampled": int(mesh_lib.gather_hosts(len(sampled.rewards)).sum()) // rl.group_size,
+                "groups_informative": int(mesh_lib.gather_hosts(sampled.informative.sum()).sum()) // rl.group_size,
+                "groups_trained": trained, "full_batch": int(trained == rl.prompts_per_step)})
+            if trained < rl.prompts_per_step and jax.process_index() == 0:
+                print(f"step {step}: dynamic sampling reached its cap of {rl.max_sampling_rounds} extra rounds "
+                      f"with {trained} of {rl.prompts_per_step} informative groups; training on those", flush=True)
+        return rows, totals, metrics
 
     def experience(self, frozen: Any, adapter: Any, problems: Sequence[str], golds: Sequence[str], key: Array
                    ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
         """This host's prompts (each already repeated group_size times in a row) -> sampled, graded
-        training rows, the global normalisers and the step's metrics over all hosts."""
+        training rows, the global normalisers and the step's metrics over all hosts (one round, no refill)."""
+        sampled = self.sample_and_grade(frozen, adapter, problems, golds, key)
+        keep = sampled.informative if self.c.rl.dynamic_sampling else np.ones(len(sampled.rewards), bool)
+        return self.rows(sampled, keep)
+
+    def sample_and_grade(self, frozen: Any, adapter: Any, problems: Sequence[str], golds: Sequence[str],
+                         key: Array) -> Sampled:
         rl = self.c.rl
         t0 = time.perf_counter()
         ids, truncated_prompts = prompt_lib.prompt_ids(problems, self.tokenizer, self.c.data.template,
@@ -185,31 +258,43 @@ class GRPOTask:
         correct = np.asarray(self.rewards(rollout.decode_completions(self.tokenizer, out), golds), np.float32)
         rewards = correct + np.asarray(losses.overlong_penalty(
             out.lengths, rl.max_new_tokens, rl.overlong_buffer, rl.overlong_penalty))
-        adv = np.asarray(losses.group_advantages(jnp.asarray(rewards), rl.group_size, scale=rl.scale_rewards))
-        keep = (np.asarray(losses.informative_groups(jnp.asarray(rewards), rl.group_size))
-                if rl.dynamic_sampling else np.ones(len(rewards), bool))
-        t2 = time.perf_counter()
-        rows, totals = {}, {}
+        informative = np.asarray(losses.informative_groups(jnp.asarray(rewards), rl.group_size))
+        return Sampled(ids, out, correct, rewards, informative, truncated_prompts, t1 - t0,
+                       time.perf_counter() - t1)
+
+    def rows(self, sampled: Sampled, keep: np.ndarray
+             ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
+        """Advantages and training rows of the kept groups; metrics over every sampled completion."""
+        rl = self.c.rl
+        out = sampled.out
         kept = np.flatnonzero(keep)
+        rows, totals = {}, {}
         counts = mesh_lib.gather_hosts(len(kept))
         if counts.sum():
-            kept_ids = [ids[i] for i in kept]
+            every = mesh_lib.gather_hosts(sampled.rewards[kept])  # 'batch' scaling takes the global std
+            offset = int(counts[:jax.process_index()].sum())
+            adv = np.asarray(losses.group_advantages(jnp.asarray(every), rl.group_size, scale=rl.scale_rewards)
+                             )[offset:offset + len(kept)]
+            kept_ids = [sampled.ids[i] for i in kept]
             width = int(mesh_lib.gather_hosts(experience_width(kept_ids, out.lengths[kept])).max())
-            exp = build_experience(kept_ids, jax.tree.map(lambda x: x[kept], out), adv[kept],
-                                   self.tokenizer.pad_id, width=width)
+            exp = build_experience(kept_ids, jax.tree.map(lambda x: x[kept], out), adv, self.tokenizer.pad_id,
+                                   width=width)
+            if rl.mask_truncated_completions:  # completions cut at the budget teach nothing about their end
+                exp.loss_mask[~out.finished[kept]] = 0.0
             rows = exp.rows()
             totals = {"tokens": float(mesh_lib.gather_hosts(exp.loss_mask.sum()).sum()),
                       "sequences": float(counts.sum())}
         lengths = mesh_lib.gather_hosts(out.lengths)
+        seconds = sampled.time_rollout + sampled.time_reward
         metrics = {
-            "reward": float(mesh_lib.gather_hosts(rewards).mean()),
-            "accuracy": float(mesh_lib.gather_hosts(correct).mean()),
+            "reward": float(mesh_lib.gather_hosts(sampled.rewards).mean()),
+            "accuracy": float(mesh_lib.gather_hosts(sampled.correct).mean()),
             "response_length": float(lengths.mean()),
             "truncation_rate": float(np.mean(~mesh_lib.gather_hosts(out.finished))),
             "kept_fraction": float(mesh_lib.gather_hosts(keep).mean()),
-            "truncated_prompts": int(mesh_lib.gather_hosts(truncated_prompts).sum()),
-            "time_rollout": t1 - t0, "time_reward": t2 - t1,
-            "tokens_per_s": float(lengths.sum()) / max(t2 - t0, 1e-9),
+            "truncated_prompts": int(mesh_lib.gather_hosts(sampled.truncated_prompts).sum()),
+            "time_rollout": sampled.time_rollout, "time_reward": sampled.time_reward,
+            "tokens_per_s": float(lengths.sum()) / max(seconds, 1e-9),
         }
         return rows, totals, metrics
 
@@ -246,7 +331,9 @@ class GRPOTask:
             lp, old, batch["advantages"], mask, eps_low=rl.epsilon_low, eps_high=rl.epsilon_high,
             aggregation=rl.loss, max_len=rl.max_new_tokens, ref_logp=ref, kl_coef=rl.kl_coef,
             kl_estimator=rl.kl_estimator, sampler_logp=batch["sampler_logp"], tis_cap=rl.tis_cap,
-            total_tokens=totals["tokens"], total_seqs=totals["sequences"])
+            total_tokens=totals["tokens"], total_seqs=totals["sequences"], objective=rl.objective,
+            cispo_cap=rl.cispo_cap, importance_sampling_level=rl.importance_sampling_level,
+            delta=rl.delta or None, tis_mode=rl.tis_mode, tis_floor=rl.tis_floor or None)
         tokens = mask.sum()
         sums = {k: v * tokens for k, v in m.items()}  # token-weighted sums; the core divides by 'weight'
         sums["entropy"] = (ent * mask).sum()
@@ -269,4 +356,5 @@ class GRPOTask:
         return float(results.summary()["heldout"]["avg_at_k"])
 
     def close(self) -> None:
-        self.rewards.close()
+        if self._scorer is None:
+            self.rewards.close()
