@@ -50,12 +50,33 @@ def shardings(method: PeftMethod, tx: optax.GradientTransformation, params: Any,
                             params, param_axes)
     adapter_axes = registry.adapter_axes(method, param_axes, state.adapter)
     adapter_sh = mesh_lib.tree_shardings(adapter_axes, state.adapter, mesh)
-    opt_sh = optax.tree_utils.tree_map_params(
-        tx, lambda _, sh: sh, state.opt_state, adapter_sh, transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding))
+    opt_sh = like_adapter(state.opt_state, state.adapter, adapter_sh, replicated)
     method_sh = jax.tree.map(lambda _: replicated, state.method_state)
     frozen = {"base": param_sh, **({"initial_adapter": adapter_sh} if initial_adapter else {})}
     return Shardings(frozen, TrainState(replicated, adapter_sh, opt_sh, method_sh))
+
+
+def _dict_path(key_path: tuple) -> tuple[str, ...]:
+    """The trailing run of dict keys of a key path: an optimizer-state leaf's adapter path."""
+    names: list[str] = []
+    for k in reversed(key_path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        names.append(str(k.key))
+    return tuple(reversed(names))
+
+
+def like_adapter(opt_state: Any, adapter: Any, adapter_sh: Any, other: NamedSharding) -> Any:
+    """Shardings for an optimizer state: a leaf shaped like the adapter leaf at its path (Adam's
+    moments, LoRA-FA's) is placed like that leaf; counts, scalars and anything else get `other`."""
+    by_path = {_dict_path(kp): (np.shape(x), sh) for (kp, x), sh in zip(
+        jax.tree_util.tree_flatten_with_path(adapter)[0], jax.tree.leaves(
+            adapter_sh, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)))}
+
+    def one(kp, x):
+        shape, sh = by_path.get(_dict_path(kp), (None, other))
+        return sh if shape == np.shape(x) else other
+    return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def place(tree: Any, tree_shardings: Any) -> Any:
