@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as tnn
 
+from jaxrl_peft.peft import registry
 from rwkv_jax import multimodal as mm
 from rwkv_jax.model import RWKV7Config, detect_config, official_shapes
 
@@ -195,3 +196,19 @@ def test_reference_checkpoint_rejects_unknown_tensors():
     paper = _reference_state("paper", "vision", False, np.float32)
     with pytest.raises(ValueError, match="blocks_0"):
         mm.import_reference({**paper, "blocks_0.x": np.zeros(3)}, "ref.pth")
+
+
+@pytest.mark.parametrize("module", [mm.VisionAdapter(LM_DIM), mm.AudioAdapter(LM_DIM), mm.VisionCompressor()])
+def test_lora_reaches_every_connector_weight(module):
+    """A LoRA adapter on the connector's Linears/convolutions changes the output exactly as merging does."""
+    method = registry.get("lora", r=2, alpha=4.0, target_modules=("fc1", "fc2", "conv"))
+    x = jnp.asarray(_features(2, 9, 11))
+    params = nn.unbox(module.init(jax.random.key(0), x)["params"])
+    bound = module.clone(peft=method)
+    params, adapter = registry.init_adapter(method, jax.random.key(1), params)
+    assert set(adapter) == set(params) - {"pre_norm"}
+    adapter = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), adapter)
+    adapted = jax.jit(bound.apply)({"params": params, "adapter": adapter}, x)
+    merged = bound.apply({"params": registry.merge(method, params, adapter)}, x)
+    assert np.abs(np.asarray(adapted) - np.asarray(module.apply({"params": params}, x))).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(adapted), np.asarray(merged), atol=1e-5, rtol=0)
