@@ -338,7 +338,8 @@ LATER_ENCODER = "encoder.model."
 LATER_AUDIO_ADAPTER = "encoder.adapter."
 # Prefix that turns the reference encoder's tensor names into those of its HF checkpoint (what
 # rwkv_jax.encoders.load reads): the reference keeps `.vision_model` of a SigLIP model, a
-# CLIPVisionModel, `.model.encoder` of a Whisper model and a WavLM AutoModel.
+# CLIPVisionModel (whose names start with `vision_model.` under transformers 4), `.model.encoder` of a
+# Whisper model and a WavLM AutoModel.
 ENCODER_HF_PREFIX = {"siglip": "vision_model.", "clip": "", "whisper": "model.encoder.", "speech": ""}
 _RWKV_NAME = re.compile(r"(emb\.weight|head\.weight|ln_out\.(weight|bias)|blocks\.\d+\..+)$")
 # Reference module name (per layout) <-> our param path, for each connector.
@@ -487,8 +488,30 @@ def export_reference(checkpoint: ReferenceCheckpoint) -> dict[str, np.ndarray]:
     return out
 
 
-def encoder_hf_tensors(checkpoint: ReferenceCheckpoint, encoder_type: str) -> dict[str, np.ndarray]:
-    """The checkpoint's encoder tensors under their HF checkpoint names (encoder_type as the reference names it)."""
+def detect_encoder_type(encoder: Mapping[str, np.ndarray]) -> str | None:
+    """The reference encoder type ('siglip', 'clip', 'whisper', 'speech') from its tensor names; None if empty."""
+    if not encoder:
+        return None
+    if any(k.startswith(("vision_model.", "pre_layrnorm.")) for k in encoder):
+        return "clip"
+    if "conv1.weight" in encoder:
+        return "whisper"
+    if any(k.startswith("feature_extractor.") for k in encoder):
+        return "speech"
+    if any(k.startswith("embeddings.patch_embedding.") for k in encoder):
+        return "siglip"
+    raise ValueError(f"detect_encoder_type: tensors such as {sorted(encoder)[:3]} match no reference encoder "
+                     f"({sorted(ENCODER_HF_PREFIX)})")
+
+
+def encoder_hf_tensors(checkpoint: ReferenceCheckpoint, encoder_type: str | None = None) -> dict[str, np.ndarray]:
+    """The checkpoint's encoder tensors under their HF checkpoint names (what rwkv_jax.encoders.load reads).
+
+    encoder_type as the reference names it; detected from the tensor names when None.
+    """
+    encoder_type = encoder_type or detect_encoder_type(checkpoint.encoder)
+    if encoder_type is None:
+        return {}
     if encoder_type not in ENCODER_HF_PREFIX:
         raise ValueError(f"encoder_hf_tensors: encoder_type {encoder_type!r}; known: {sorted(ENCODER_HF_PREFIX)}")
     return {ENCODER_HF_PREFIX[encoder_type] + k: v for k, v in checkpoint.encoder.items()}

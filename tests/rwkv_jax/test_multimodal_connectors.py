@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as tnn
+import transformers
 
 from jaxrl_peft.peft import registry
 from rwkv_jax import multimodal as mm
@@ -212,3 +213,40 @@ def test_lora_reaches_every_connector_weight(module):
     merged = bound.apply({"params": registry.merge(method, params, adapter)}, x)
     assert np.abs(np.asarray(adapted) - np.asarray(module.apply({"params": params}, x))).max() > 1e-3
     np.testing.assert_allclose(np.asarray(adapted), np.asarray(merged), atol=1e-5, rtol=0)
+
+
+def _tiny_hf_encoders():
+    """type -> (the full HF model, the submodule the reference keeps as `model`), tiny and random."""
+    vision = dict(hidden_size=ENC_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                  image_size=12, patch_size=6)
+    text = dict(hidden_size=ENC_DIM, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    siglip = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+    clip = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    whisper = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        vocab_size=50, num_mel_bins=8, d_model=ENC_DIM, encoder_layers=1, encoder_attention_heads=4,
+        encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=32,
+        max_source_positions=6, max_target_positions=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1))
+    wavlm = transformers.WavLMModel(transformers.WavLMConfig(
+        hidden_size=ENC_DIM, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=4,
+        num_buckets=16, max_bucket_distance=20))
+    # The reference's CLIPVisionModel (transformers 4) named its tensors `vision_model.*`, as CLIPModel does.
+    return {"siglip": (siglip, siglip.vision_model), "clip": (clip, clip.vision_model),
+            "whisper": (whisper, whisper.model.encoder), "speech": (wavlm, wavlm)}
+
+
+def test_encoder_tensors_get_their_hf_checkpoint_names():
+    """The reference saves its encoder module's state dict; its HF names are those of the full HF model."""
+    torch.manual_seed(0)
+    for encoder_type, (full, kept) in _tiny_hf_encoders().items():
+        state = _state(kept, mm.PAPER_ENCODER + ("vision_model." if encoder_type == "clip" else ""))
+        state.update({k: v for k, v in _rwkv_tensors().items()})
+        ckpt = mm.import_reference(state, encoder_type)
+        assert mm.detect_encoder_type(ckpt.encoder) == encoder_type
+        hf = mm.encoder_hf_tensors(ckpt)
+        full_state = {k: v.detach().numpy() for k, v in full.state_dict().items()}
+        assert len(hf) == len(ckpt.encoder) and set(hf) <= set(full_state), encoder_type
+        for name, value in hf.items():
+            np.testing.assert_array_equal(value, full_state[name], err_msg=name)
