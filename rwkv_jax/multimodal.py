@@ -212,7 +212,10 @@ def format_conversation(conversation: Sequence[Mapping[str, str]], modality_leng
     Each turn is tokenised on its own and the pieces concatenated, as the reference does. User turns
     get no labels; an assistant turn is labelled whole, `\\x16Assistant:` header and closing `\\x17`
     included. `modality_lengths[i]` is the number of tokens item i gives after its adapter; with the
-    placeholder layout the user turns must hold exactly one marker per item.
+    placeholder layout the user turns must hold exactly one marker per item. The text on each side of
+    a marker is tokenised on its own; the reference's extended-vocab trie gives the same ids unless a
+    vocab token spans the text and the special token (a space before the marker: ' <' is a token), where
+    the reference itself loses the vision_start token.
     """
     tokenizer = tokenizer or world_tokenizer()
     lengths = [int(n) for n in modality_lengths]
