@@ -431,7 +431,7 @@ def _take(tensors: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarra
 
 def import_reference(tensors: Mapping[str, np.ndarray], source: str = "<checkpoint>") -> ReferenceCheckpoint:
     """Splits a reference state dict (either layout, numpy arrays) into our parts; unknown names raise."""
-    later = any(k.startswith(LATER_LLM) for k in tensors)
+    later = any(k.startswith((LATER_LLM, LATER_PROJ, LATER_ENCODER, LATER_AUDIO_ADAPTER)) for k in tensors)
     if later:
         rwkv = _take(tensors, LATER_LLM)
         encoder = _take(tensors, LATER_ENCODER)
