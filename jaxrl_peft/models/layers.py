@@ -1,4 +1,5 @@
-"""Layers shared by both model families: the one `Linear` every projection goes through, RMSNorm.
+"""Layers shared by both model families: the one `Linear` every projection goes through (a `Conv1D` is
+a `Linear` over unfolded windows), RMSNorm, LayerNorm, Embed.
 
 Both ask the configured PEFT method how to compute their output when the `adapter` collection holds
 an entry for them (DESIGN.md: models are functions of parameter trees).
@@ -11,6 +12,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrl_peft.peft.base import PeftMethod, linear
 
@@ -63,6 +65,48 @@ class Linear(nn.Module):
         if adapter:
             return _require_method(self, self.peft).apply(x, kernel, bias, adapter)
         return linear(x, kernel, bias)
+
+
+def conv_windows(x: jax.Array, kernel_size: int, stride: int, padding: int = 0) -> jax.Array:
+    """Unfolds [B, T, C] into the windows a Conv1d sees: [B, T', kernel_size * C], window-major."""
+    if padding:
+        x = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
+    out_len = (x.shape[1] - kernel_size) // stride + 1
+    if out_len < 1:
+        raise ValueError(f"conv_windows: {x.shape[1]} positions (padding included) are fewer than "
+                         f"kernel_size {kernel_size}")
+    index = np.arange(out_len)[:, None] * stride + np.arange(kernel_size)[None, :]  # [T', kernel]
+    windows = x[:, index]  # [B, T', kernel, C]
+    return windows.reshape(x.shape[0], out_len, kernel_size * x.shape[2])
+
+
+def conv_kernel(weight: np.ndarray) -> np.ndarray:
+    """A torch Conv1d weight [out, in, kernel] as the Linear kernel [kernel * in, out] of `conv_windows`."""
+    out_ch, in_ch, width = weight.shape
+    return np.ascontiguousarray(weight.transpose(2, 1, 0)).reshape(width * in_ch, out_ch)
+
+
+def conv_weight(kernel: np.ndarray, kernel_size: int) -> np.ndarray:
+    """Inverse of `conv_kernel`: a Linear kernel [kernel * in, out] as a torch Conv1d weight [out, in, kernel]."""
+    rows, out_ch = kernel.shape
+    if rows % kernel_size:
+        raise ValueError(f"conv_weight: kernel rows {rows} are not a multiple of kernel_size {kernel_size}")
+    return np.ascontiguousarray(kernel.reshape(kernel_size, rows // kernel_size, out_ch).transpose(2, 1, 0))
+
+
+class Conv1D(Linear):
+    """A 1-D convolution over [B, T, C] as a `Linear` over its unfolded windows, so PEFT methods reach it.
+
+    Same parameters as `Linear` (kernel [kernel_size * C, features], window-major; `conv_kernel` converts
+    a torch Conv1d weight); output [B, (T + 2 * padding - kernel_size) // stride + 1, features].
+    """
+
+    kernel_size: int = 3
+    stride: int = 1
+    padding: int = 0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(conv_windows(x, self.kernel_size, self.stride, self.padding))
 
 
 class RMSNorm(nn.Module):

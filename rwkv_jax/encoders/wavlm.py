@@ -21,12 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_peft.models.layers import LayerNorm, Linear, adapted_gain
+from jaxrl_peft.models.layers import Conv1D, LayerNorm, Linear, adapted_gain, conv_kernel
 from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex
 from jaxrl_peft.peft.base import PeftMethod
-from rwkv_jax.encoders.whisper import (ACTIVATIONS, attention, check_unexpected, conv_kernel, conv_windows,
-                                       linear_kernel, read_config, read_params, split_heads,
-                                       tensor_prefix)
+from rwkv_jax.encoders.whisper import (ACTIVATIONS, attention, check_unexpected, linear_kernel, read_config,
+                                       read_params, split_heads, tensor_prefix)
 
 MODEL_TYPES = ("wavlm",)
 
@@ -150,8 +149,8 @@ class ConvLayer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, i = self.config, self.index
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft)
-        x = Linear(cfg.conv_dim[i], (None, "embed"), cfg.conv_bias, name="conv", **kw)(
-            conv_windows(x, cfg.conv_kernel[i], cfg.conv_stride[i]))  # [B, frames_i, conv_dim[i]]
+        x = Conv1D(cfg.conv_dim[i], (None, "embed"), cfg.conv_bias, kernel_size=cfg.conv_kernel[i],
+                   stride=cfg.conv_stride[i], name="conv", **kw)(x)  # [B, frames_i, conv_dim[i]]
         if cfg.feat_extract_norm == "layer":
             x = LayerNorm(1e-5, name="layer_norm", **kw)(x)
         elif i == 0:

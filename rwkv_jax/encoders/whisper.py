@@ -2,8 +2,8 @@
 
 The decoder's tensors are ignored. Outputs equal transformers' `WhisperEncoder` `last_hidden_state`;
 the valid length per row is what ModRWKV keeps of the 30 s window: `attention_mask.sum() // 2 + 1`
-frames (JL-er/WorldRWKV `whisper_encoder.py`). Also holds the helpers the audio encoders share:
-convolutions as a `Linear` over unfolded windows (so PEFT methods reach them) and the checkpoint reader.
+frames (JL-er/WorldRWKV `whisper_encoder.py`). Also holds the checkpoint-reading helpers the audio encoders
+share (convolutions are `layers.Conv1D`, a `Linear` over unfolded windows, so PEFT methods reach them).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_peft.models.layers import LayerNorm, Linear
+from jaxrl_peft.models.layers import Conv1D, LayerNorm, Linear, conv_kernel
 from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.peft.registry import nest
@@ -36,22 +36,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 # ---------------------------------------------------------------------------------------------
 # Shared by the audio encoders
-
-def conv_windows(x: jax.Array, kernel_size: int, stride: int, padding: int = 0) -> jax.Array:
-    """Unfolds [B, T, C] into the windows a Conv1d sees: [B, T', kernel_size * C], window-major."""
-    if padding:
-        x = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
-    out_len = (x.shape[1] - kernel_size) // stride + 1
-    index = np.arange(out_len)[:, None] * stride + np.arange(kernel_size)[None, :]  # [T', kernel]
-    windows = x[:, index]  # [B, T', kernel, C]
-    return windows.reshape(x.shape[0], out_len, kernel_size * x.shape[2])
-
-
-def conv_kernel(weight: np.ndarray) -> np.ndarray:
-    """A torch Conv1d weight [out, in, kernel] as the Linear kernel [kernel * in, out] of `conv_windows`."""
-    out_ch, in_ch, width = weight.shape
-    return np.ascontiguousarray(weight.transpose(2, 1, 0)).reshape(width * in_ch, out_ch)
-
 
 def linear_kernel(weight: np.ndarray) -> np.ndarray:
     """A torch Linear weight [out, in] as a Linear kernel [in, out]."""
@@ -225,8 +209,10 @@ class WhisperEncoder(nn.Module):
                              f"(log-mel padded to 30 s), got {input_features.shape}")
         act = ACTIVATIONS["gelu"]
         x = jnp.swapaxes(input_features, 1, 2).astype(dtype)  # [B, frames, n_mels]
-        x = act(Linear(cfg.d_model, (None, "embed"), True, name="conv1", **lin)(conv_windows(x, 3, 1, 1)))
-        x = act(Linear(cfg.d_model, (None, "embed"), True, name="conv2", **lin)(conv_windows(x, 3, 2, 1)))
+        x = act(Conv1D(cfg.d_model, (None, "embed"), True, kernel_size=3, stride=1, padding=1, name="conv1",
+                       **lin)(x))
+        x = act(Conv1D(cfg.d_model, (None, "embed"), True, kernel_size=3, stride=2, padding=1, name="conv2",
+                       **lin)(x))
         positions = self.param("embed_positions", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("length", "embed")),
             (cfg.max_source_positions, cfg.d_model), jnp.dtype(cfg.param_dtype))
