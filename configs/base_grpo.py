@@ -21,9 +21,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.task = "grpo"  # launch/train.py runs jaxrl_peft.rl.grpo.GRPOTask on the training core
     c.seed = 42
 
-    # A local HF directory (config.json + safetensors + tokenizer) or a hub id the user has downloaded.
+    # A local HF directory (config.json + safetensors + tokenizer) or a hub id (fetched into the HF cache:
+    # only config, tokenizer and safetensors files; HF_HOME and HF_HUB_OFFLINE are honoured).
     c.model = ml_collections.ConfigDict(dict(
         checkpoint="assets/tiny-r1" if tiny else "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        revision="",  # a branch, tag or commit of the hub repo ('' : main); recorded in run.json
         preset="tiny" if tiny else "r1-distill-qwen-1.5b",  # shapes for --dry_run without weights
         dtype="float32" if tiny else "bfloat16",  # compute dtype
         param_dtype="float32" if tiny else "bfloat16",  # frozen base weights
@@ -83,7 +85,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     ))
 
     c.data = ml_collections.ConfigDict(dict(
-        train="synthetic" if tiny else "data/dapo-math-17k.parquet",  # user-supplied file
+        # 'synthetic', a local .parquet/.json/.jsonl file, or a hub dataset id `org/name[:config]`
+        train="synthetic" if tiny else "open-r1/DAPO-Math-17k-Processed:all",
+        revision="",  # of the hub dataset ('' : main)
         problem_field="prompt",
         answer_field="solution",
         template="boxed" if tiny else "dapo",  # 'dapo' ("Answer:" instruction) or 'boxed'

@@ -25,6 +25,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
         checkpoint="assets/tiny-r1" if tiny else "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        revision="",  # of the hub repo when checkpoint is a hub id ('' : main)
         preset="tiny" if tiny else "r1-distill-qwen-1.5b",
         dtype="float32" if tiny else "bfloat16",
         param_dtype="float32" if tiny else "bfloat16",

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="HF directory: config.json, safetensors, tokenizer")
+    parser.add_argument("--checkpoint", required=True, help="HF directory (config.json, safetensors, tokenizer) or hub id")
     parser.add_argument("--prompt", action="append", required=True, help="user message; repeat for a batch")
     parser.add_argument("--system", default=None, help="optional system message")
     parser.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
@@ -24,11 +24,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from jaxrl_peft.models import hf
+    from jaxrl_peft.models import hf, hub
     from jaxrl_peft.rl import rollout
 
-    model, params = hf.load(args.checkpoint, dtype=jnp.dtype(args.dtype))
-    tok = hf.Tokenizer(args.checkpoint)
+    path = hub.resolve_model(args.checkpoint).path
+    model, params = hf.load(path, dtype=jnp.dtype(args.dtype))
+    tok = hf.Tokenizer(path)
     messages = [([{"role": "system", "content": args.system}] if args.system else [])
                 + [{"role": "user", "content": p}] for p in args.prompt]
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)

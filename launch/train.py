@@ -12,6 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxrl_peft.models import hub
 from jaxrl_peft.models.safetensors_io import CheckpointError
 from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop, memory, sft
@@ -44,7 +45,7 @@ def main(argv) -> None:
             print(f"state_bytes_per_device={memory.state_bytes_per_device(c)}")
             return
         loop.train(task, c, _WORKDIR.value or f"runs/{c.peft.name}")
-    except (loop.ConfigError, CheckpointError, FileNotFoundError) as e:  # bad input: the message names it
+    except (loop.ConfigError, CheckpointError, hub.HubError, FileNotFoundError) as e:  # bad input, named
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -19,7 +19,7 @@ import numpy as np
 from jaxrl_peft.data import loaders, pipeline, prompts as prompt_lib, synthetic
 from jaxrl_peft.eval import math_eval
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import hf, transformer as tfm
+from jaxrl_peft.models import hf, hub, transformer as tfm
 from jaxrl_peft.peft import registry
 from jaxrl_peft.rewards import math as reward_lib
 from jaxrl_peft.rl import losses, rollout
@@ -124,11 +124,13 @@ def check_config(c: ml_collections.ConfigDict) -> None:
 
 
 def train_records(c: ml_collections.ConfigDict) -> Sequence[dict[str, str]]:
+    """config.data.train: 'synthetic', a local data file, or a hub dataset id (`org/name[:config]`)."""
     d = c.data
     if d.train == "synthetic":
         return synthetic.SyntheticSource(d.synthetic_size, seed=d.synthetic_seed, kinds=tuple(d.synthetic_kinds),
                                          levels=tuple(d.synthetic_levels))
-    return loaders.load_math_dataset(d.train, d.problem_field, d.answer_field)
+    resolved = hub.resolve_dataset(d.train, d.get("revision") or None)
+    return [r for f in resolved.files for r in loaders.load_math_dataset(f, d.problem_field, d.answer_field)]
 
 
 def heldout_records(c: ml_collections.ConfigDict) -> list[dict[str, str]]:
@@ -164,12 +166,14 @@ class GRPOTask:
     def setup(self, mesh: jax.sharding.Mesh) -> loop.Setup:
         c = self.c
         self.mesh = mesh
-        base_model, params = hf.load(c.model.checkpoint, dtype=jnp.dtype(c.model.param_dtype), mesh=mesh,
+        path = hub.resolve_model(c.model.checkpoint, c.model.get("revision") or None).path
+        self.data_files["model"] = str(path)
+        base_model, params = hf.load(path, dtype=jnp.dtype(c.model.param_dtype), mesh=mesh,
                                      compute_dtype=jnp.dtype(c.model.dtype))
         method = registry.from_config(c.peft).prepare(params)
         self.method = method
         self.cfg = base_model.cfg.replace(remat=c.model.remat)
-        self.tokenizer = hf.Tokenizer(c.model.checkpoint)
+        self.tokenizer = hf.Tokenizer(path)
         self.model = tfm.Transformer(self.cfg, peft=method)
         rl = c.rl
         stop = [t for t in dict.fromkeys((self.tokenizer.eos_id, self.cfg.eos_token_id)) if t is not None]

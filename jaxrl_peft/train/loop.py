@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_peft import peft
 from jaxrl_peft.infra import checkpoint as ckpt_lib, mesh as mesh_lib, metrics as metrics_lib
+from jaxrl_peft.models import hub
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.train import optimizer as optimizer_lib, state as state_lib
 
@@ -190,6 +191,8 @@ def run_record(c: ml_collections.ConfigDict, mesh: Mesh, data_files: dict[str, s
         if path and os.path.isfile(path):
             with open(path, "rb") as f:
                 files[role] = {"path": str(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        elif path and os.path.isdir(path):  # a checkpoint directory: from the hub cache, its commit
+            files[role] = {"path": str(path), "hub_commit": hub.commit_of(path)}
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {
         "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxrl_peft import peft
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import hf, transformer as tfm
+from jaxrl_peft.models import hf, hub, transformer as tfm
 from jaxrl_peft.peft import registry
 from jaxrl_peft.train import optimizer as optimizer_lib, state as state_lib
 
@@ -27,9 +27,11 @@ GB = 1e9
 
 
 def model_config(c: ml_collections.ConfigDict) -> tfm.TransformerConfig:
-    """The decoder config of a run: config.json of a local checkpoint, else the named preset."""
-    conf = Path(c.model.checkpoint) / "config.json"
-    if conf.exists():
+    """The decoder config of a run: config.json of the checkpoint (a local directory, or a hub id whose
+    config is cached or can be fetched alone: a dry run never downloads weights), else the named preset."""
+    resolved = hub.resolve_config_only(c.model.checkpoint, c.model.get("revision") or None)
+    conf = None if resolved is None else Path(resolved.path) / "config.json"
+    if conf is not None and conf.exists():
         cfg = hf.config_from_hf(json.loads(conf.read_text()), str(conf))
     else:
         cfg = tfm.preset(c.model.preset)

@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxrl_peft.data import prompts as prompt_lib, synthetic
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import hf, transformer as tfm
+from jaxrl_peft.models import hf, hub, transformer as tfm
 from jaxrl_peft.peft import registry
 from jaxrl_peft.train import loop
 
@@ -153,12 +153,14 @@ class SFTTask:
     def setup(self, mesh: jax.sharding.Mesh) -> loop.Setup:
         c = self.c
         self.mesh = mesh
-        base_model, params = hf.load(c.model.checkpoint, dtype=jnp.dtype(c.model.param_dtype), mesh=mesh,
+        path = hub.resolve_model(c.model.checkpoint, c.model.get("revision") or None).path
+        self.data_files["model"] = str(path)
+        base_model, params = hf.load(path, dtype=jnp.dtype(c.model.param_dtype), mesh=mesh,
                                      compute_dtype=jnp.dtype(c.model.dtype))
         self.method = registry.from_config(c.peft).prepare(params)
         self.cfg = base_model.cfg.replace(remat=c.model.remat)
         self.model = tfm.Transformer(self.cfg, peft=self.method)
-        self.tokenizer = hf.Tokenizer(c.model.checkpoint)
+        self.tokenizer = hf.Tokenizer(path)
         self.pad_id = self.tokenizer.pad_id
         self.examples = list(self._examples if self._examples is not None else self._read("train"))
         self.lengths = check_examples(self.examples, c.sft.seq_len, "sft training data")
