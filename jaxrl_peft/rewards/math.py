@@ -620,11 +620,16 @@ class MathRewardPool:
                             pending.appendleft(idx)
                             self._replace(slot, "crashed")
                 elif not w.ready and now - w.started > self.startup_timeout_s:
-                    w.kill()
-                    raise RuntimeError(
-                        f"reward worker did not start within {self.startup_timeout_s:.0f}s "
-                        f"(command: {sys.executable} -c 'from jaxrl_peft.rewards.math import _worker_main')"
-                    )
+                    # A worker silent past the start-up timeout is replaced; only when no worker of the pool
+                    # has started after that many tries is the run stopped.
+                    if self.stats["slow_start"] >= 2 * self.num_workers and not any(
+                            x is not None and x.ready for x in self._workers):
+                        w.kill()
+                        raise RuntimeError(
+                            f"reward workers did not start within {self.startup_timeout_s:.0f}s, "
+                            f"{self.stats['slow_start']} times (command: {sys.executable} -c "
+                            "'from jaxrl_peft.rewards.math import _worker_main')")
+                    self._replace(slot, "slow_start")
             waits = [w.task[1] + self.deadline_s for w in self._workers if w is not None and w.task]
             timeout = max(0.0, min(waits) - time.monotonic()) if waits else 0.5
             fds = {w.fd: slot for slot, w in enumerate(self._workers) if w is not None}

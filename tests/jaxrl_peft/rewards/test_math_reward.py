@@ -3,10 +3,13 @@
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
+from jaxrl_peft.rewards import math as math_lib
 from jaxrl_peft.rewards.math import MathRewardPool, extract_answer, hostile_reason, math_reward
 
 DEADLINE_S = 2.0
@@ -266,3 +269,29 @@ def test_workers_never_import_jax(pool):
     with open(f"/proc/{pid}/maps") as f:
         maps = f.read()
     assert "jaxlib" not in maps
+
+
+def test_a_worker_that_never_starts_is_replaced(monkeypatch):
+    """A worker silent past the start-up timeout (seen once on a loaded machine) is replaced; scoring goes on."""
+    real_init = math_lib._Worker.__init__
+    spawned = []
+
+    def init(self, memory_limit_mb, max_tasks):
+        real_init(self, memory_limit_mb, max_tasks)
+        spawned.append(self)
+        if len(spawned) == 1:  # the first worker hangs before saying it is ready
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            self.fd = self.proc.stdout.fileno()
+
+    monkeypatch.setattr(math_lib._Worker, "__init__", init)
+    with math_lib.MathRewardPool(workers=2, startup_timeout_s=3.0) as pool:
+        assert pool(["\\boxed{x^2+1}"] * 6, ["1+x^2"] * 6) == [1.0] * 6
+        deadline, k = time.monotonic() + 30, 3
+        while pool.stats["slow_start"] == 0 and time.monotonic() < deadline:
+            k += 1  # a new pair each time: answers are cached
+            assert pool([f"\\boxed{{x^{k}+1}}"], [f"1+x^{k}"]) == [1.0]
+            time.sleep(0.5)
+        assert pool.stats["slow_start"] == 1
