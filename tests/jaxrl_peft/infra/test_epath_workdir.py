@@ -1,0 +1,201 @@
+"""A workdir on an object store (gs://) holds what a local workdir holds, and resumes the same.
+
+The store is a test double: fsspec's `gcs` protocol (what etils.epath uses for gs://) is replaced by a
+folder-backed file system that, like GCS, refuses to append; orbax's TensorStore spec for gs:// is
+pointed at the same folder. Nothing may be written to the current directory.
+"""
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from pathlib import Path
+
+import fsspec
+import jax
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import _registry as fsspec_registry
+from orbax.checkpoint._src.path import gcs_utils
+from tensorboardX.proto import event_pb2
+
+from configs.grpo_dora import get_config
+from jaxrl_peft.infra import checkpoint, mesh as mesh_lib, metrics
+from jaxrl_peft.rl import grpo
+from jaxrl_peft.train import loop
+
+ROOT = Path(__file__).resolve().parents[3]
+ONE = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+RECORDS = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(64)]
+TIMING = ("tokens_per_s",)
+
+
+class FakeGCS(LocalFileSystem):
+    """gs://bucket/key is the file `root`/bucket/key; opening for append fails, as on GCS."""
+
+    protocol = ("gs", "gcs")
+    root = ""
+
+    def __init__(self, *args, finalize_on_close: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = fsspec.utils.stringify_path(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                return (cls.root + "/" + path.removeprefix(prefix)).rstrip("/")
+        return super()._strip_protocol(path)
+
+    def glob(self, path, **kwargs):
+        """'bucket/key' names without the protocol, as gcsfs returns them (epath prepends 'gs://')."""
+        return [name.removeprefix(self.root + "/") for name in super().glob(path, **kwargs)]
+
+    def _open(self, path, mode="rb", block_size=None, **kwargs):
+        if "a" in mode:
+            raise OSError(f"{path}: an object store cannot append")
+        return super()._open(path, mode, block_size, **kwargs)
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """The store's folder; gs:// paths lead there through epath (fsspec) and orbax (TensorStore)."""
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setattr(FakeGCS, "root", str(store))
+    for name in ("gs", "gcs"):
+        monkeypatch.setitem(fsspec_registry, name, FakeGCS)
+    FakeGCS.clear_instance_cache()
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", lambda path: {
+        "driver": "file", "path": str(store / str(path).removeprefix("gs://"))})
+    yield store
+    FakeGCS.clear_instance_cache()
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    yield cwd
+    assert sorted(os.listdir(cwd)) == [], "something was written to the current directory"
+
+
+def scorer(completions, golds):
+    return [float(zlib.crc32(c.encode()) % 2) for c in completions]
+
+
+def _config():
+    c = get_config("tiny")
+    c.model.checkpoint = str(ROOT / "assets" / "tiny-r1")  # the run's cwd is an empty folder
+    c.steps, c.checkpoint_every, c.eval_every, c.log_every = 4, 2, 2, 100
+    c.rl.update(prompts_per_step=2, group_size=4, max_new_tokens=16, micro_batch_size=8)
+    c.eval.update(num_problems=2, samples=1)
+    return c
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _CrashingTask(grpo.GRPOTask):
+    def next_batch(self, step, frozen, adapter):
+        if step == 3:
+            raise _Crash("killed after the step-2 checkpoint")
+        return super().next_batch(step, frozen, adapter)
+
+
+def _rows(text):
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time_") and k not in TIMING}
+            for line in text.splitlines()]
+
+
+def _scalars(folder, timing=True):
+    """{(tag, step): value} of every TensorBoard event file under `folder` (TFRecord framing); the
+    timing scalars too when `timing`."""
+    out = {}
+    for path in epath.Path(folder).glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if not timing and (value.tag.startswith("time_") or value.tag in TIMING):
+                    continue
+                out[(value.tag, event.step)] = value.simple_value
+    return out
+
+
+def test_gcs_run_killed_and_resumed_equals_local_run(tmp_path, bucket, empty_cwd, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    c = _config()
+    local, remote = tmp_path / "local", "gs://runs/grpo"
+    loop.train(grpo.GRPOTask(c, records=RECORDS, scorer=scorer), c, local, mesh=ONE)
+    with pytest.raises(_Crash):
+        loop.train(_CrashingTask(c, records=RECORDS, scorer=scorer), c, remote, mesh=ONE)
+    assert (bucket / "runs/grpo/ckpt/2").is_dir() and not (bucket / "runs/grpo/ckpt/4").exists()
+    assert len(_rows((bucket / "runs/grpo/metrics.jsonl").read_text())) == 2
+    loop.train(grpo.GRPOTask(c, records=RECORDS, scorer=scorer), c, remote, mesh=ONE)
+
+    expected = _rows((local / "metrics.jsonl").read_text())
+    assert len(expected) == 4 and "heldout_accuracy" in expected[1]
+    assert _rows(epath.Path(remote, "metrics.jsonl").read_text()) == expected
+    final_local, final_remote = checkpoint.read_state(local, 4), checkpoint.read_state(remote, 4)
+    jax.tree.map(np.testing.assert_array_equal, final_local, final_remote)
+    mid = checkpoint.read_state(local, 2)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(final_local["adapter"]),
+                                                         jax.tree.leaves(mid["adapter"]))), \
+        "the adapter did not change between steps 2 and 4: the test could not detect a bad resume"
+    stored = bucket / "runs/grpo"
+    assert json.loads((stored / "config.json").read_text()) == json.loads((local / "config.json").read_text())
+    assert json.loads((stored / "run.json").read_text())["seed"] == c.seed
+    assert _scalars(stored / "tensorboard", timing=False) == _scalars(local / "tensorboard", timing=False)
+    assert not list(Path(tempfile.gettempdir()).glob("tensorboard-*")), "the event staging folder was left"
+
+
+def test_metric_writer_on_a_store_rewrites_and_truncates(bucket, empty_cwd, tmp_path):
+    rows = [{"loss": 1.0 / step, "reward": float(step)} for step in range(1, 5)]
+    writer = metrics.MetricWriter("gs://runs/m", flush_secs=1e9)
+    for step, row in enumerate(rows[:3], 1):
+        writer.write(step, row)
+    assert not (bucket / "runs/m/metrics.jsonl").exists()  # buffered until a flush
+    writer.flush()
+    assert len((bucket / "runs/m/metrics.jsonl").read_text().splitlines()) == 3
+    writer.close()
+    resumed = metrics.MetricWriter("gs://runs/m", flush_secs=1e9)
+    resumed.truncate_after(2)
+    resumed.write(3, rows[2])
+    resumed.write(4, rows[3])
+    resumed.close()
+    local = metrics.MetricWriter(tmp_path / "m")
+    for step, row in enumerate(rows, 1):
+        local.write(step, row)
+    local.close()
+    assert (bucket / "runs/m/metrics.jsonl").read_text() == (tmp_path / "m/metrics.jsonl").read_text()
+    assert _scalars(bucket / "runs/m/tensorboard") == _scalars(tmp_path / "m/tensorboard")
+    with pytest.raises(OSError, match="cannot append"):
+        epath.Path("gs://runs/m/metrics.jsonl").open("a")
+
+
+def test_only_the_first_host_writes_and_a_different_config_is_refused(bucket, empty_cwd, monkeypatch):
+    c = _config()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    metrics.MetricWriter("gs://runs/h", enabled=False).write(1, {"loss": 1.0})
+    checkpoint.save_config("gs://runs/h", c)
+    assert not (bucket / "runs/h").exists()
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    path = checkpoint.save_config("gs://runs/h", c)
+    assert str(path) == "gs://runs/h/config.json" and (bucket / "runs/h/config.json").is_file()
+    c.seed += 1
+    with pytest.raises(ValueError, match="different config"):
+        checkpoint.save_config("gs://runs/h", c)
