@@ -23,7 +23,9 @@ from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
 from tensorboardX.proto import event_pb2
 
+from configs import eval_math
 from configs.grpo_dora import get_config
+from jaxrl_peft.eval import math_eval
 from jaxrl_peft.infra import checkpoint, mesh as mesh_lib, metrics
 from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop
@@ -135,6 +137,7 @@ def _scalars(folder, timing=True):
     return out
 
 
+@pytest.mark.slow  # three tiny GRPO runs: about 100 s on two CPU cores
 def test_gcs_run_killed_and_resumed_equals_local_run(tmp_path, bucket, empty_cwd, monkeypatch):
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -161,6 +164,24 @@ def test_gcs_run_killed_and_resumed_equals_local_run(tmp_path, bucket, empty_cwd
     assert json.loads((stored / "run.json").read_text())["seed"] == c.seed
     assert _scalars(stored / "tensorboard", timing=False) == _scalars(local / "tensorboard", timing=False)
     assert not list(Path(tempfile.gettempdir()).glob("tensorboard-*")), "the event staging folder was left"
+
+
+def test_checkpointer_on_a_store_restores_what_it_saved(bucket, empty_cwd):
+    state = {"adapter": {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}, "opt": {"count": np.int32(7)}}
+    saver = checkpoint.Checkpointer("gs://runs/c")
+    saver.save(2, state, {"position": 5}, {"updates": 2})
+    saver.close()
+    assert (bucket / "runs/c/ckpt/2/state").is_dir()
+    loader = checkpoint.Checkpointer("gs://runs/c")
+    assert loader.latest_step() == 2
+    zeros = jax.tree.map(lambda x: jax.numpy.zeros_like(x), state)
+    restored, data_state, meta = loader.restore(2, zeros)
+    loader.close()
+    jax.tree.map(np.testing.assert_array_equal, restored, state)
+    assert data_state == {"position": 5} and meta == {"updates": 2}
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.read_state("gs://runs/c", 2), state)
+    with pytest.raises(FileNotFoundError, match="gs://runs/c/ckpt/4/state"):
+        checkpoint.read_state("gs://runs/c", 4)
 
 
 def test_metric_writer_on_a_store_rewrites_and_truncates(bucket, empty_cwd, tmp_path):
@@ -199,3 +220,15 @@ def test_only_the_first_host_writes_and_a_different_config_is_refused(bucket, em
     c.seed += 1
     with pytest.raises(ValueError, match="different config"):
         checkpoint.save_config("gs://runs/h", c)
+
+
+def test_eval_results_go_to_the_store(bucket, empty_cwd):
+    c = eval_math.get_config("tiny")
+    c.checkpoint = str(ROOT / "assets" / "tiny-r1")
+    c.benchmarks, c.limit, c.k.synthetic, c.batch_size = ("synthetic",), 2, 1, 8
+    c.sampling.max_new_tokens, c.reward_workers = 8, 1
+    results = math_eval.run(c, output="gs://runs/e/eval_results.json", log=None)
+    saved = json.loads((bucket / "runs/e/eval_results.json").read_text())
+    assert saved["checkpoint"] == c.checkpoint
+    assert {k: v for k, v in saved.items() if k not in ("checkpoint", "adapter", "config")} == \
+        json.loads(json.dumps(results.to_json()))
