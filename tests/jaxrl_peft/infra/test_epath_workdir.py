@@ -6,20 +6,26 @@ pointed at the same folder. Nothing may be written to the current directory.
 """
 
 import json
+import operator
 import os
+import socket
+import subprocess
 import struct
+import sys
 import tempfile
 import zlib
 from pathlib import Path
 
 import fsspec
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from etils import epath
 from etils.epath import backend as epath_backend
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_registry
+from jax.experimental import multihost_utils
 from orbax.checkpoint._src.path import gcs_utils
 from tensorboardX.proto import event_pb2
 
@@ -31,7 +37,6 @@ from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop
 
 ROOT = Path(__file__).resolve().parents[3]
-ONE = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
 RECORDS = [{"problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(64)]
 TIMING = ("tokens_per_s",)
 
@@ -63,19 +68,25 @@ class FakeGCS(LocalFileSystem):
         return super()._open(path, mode, block_size, **kwargs)
 
 
-@pytest.fixture
-def bucket(tmp_path, monkeypatch):
-    """The store's folder; gs:// paths lead there through epath (fsspec) and orbax (TensorStore)."""
-    store = tmp_path / "store"
-    store.mkdir()
-    monkeypatch.setattr(FakeGCS, "root", str(store))
+def use_fake_gcs(store: Path, set_attribute=setattr, set_item=operator.setitem) -> None:
+    """Sends gs:// to the folder `store`: epath through fsspec's `gcs` protocol, orbax's TensorStore
+    through its GCS kvstore spec (and no bucket-layout query)."""
+    set_attribute(FakeGCS, "root", str(store))
     for name in ("gs", "gcs"):
-        monkeypatch.setitem(fsspec_registry, name, FakeGCS)
+        set_item(fsspec_registry, name, FakeGCS)
     FakeGCS.clear_instance_cache()
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
-    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-    monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", lambda path: {
+    set_attribute(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    set_attribute(gcs_utils, "get_kvstore_for_gcs", lambda path: {
         "driver": "file", "path": str(store / str(path).removeprefix("gs://"))})
+
+
+@pytest.fixture
+def bucket(tmp_path, monkeypatch):
+    """The store's folder; gs:// paths lead there for the test's duration."""
+    store = tmp_path / "store"
+    store.mkdir()
+    use_fake_gcs(store, monkeypatch.setattr, monkeypatch.setitem)
     yield store
     FakeGCS.clear_instance_cache()
     epath_backend.fsspec_backend._get_filesystem.cache_clear()
@@ -88,6 +99,10 @@ def empty_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(cwd)
     yield cwd
     assert sorted(os.listdir(cwd)) == [], "something was written to the current directory"
+
+
+def one_device():
+    return mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
 
 
 def scorer(completions, golds):
@@ -137,18 +152,18 @@ def _scalars(folder, timing=True):
     return out
 
 
-@pytest.mark.slow  # three tiny GRPO runs: about 100 s on two CPU cores
+@pytest.mark.slow  # three tiny GRPO runs: 70-160 s on two shared CPU cores
 def test_gcs_run_killed_and_resumed_equals_local_run(tmp_path, bucket, empty_cwd, monkeypatch):
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     c = _config()
     local, remote = tmp_path / "local", "gs://runs/grpo"
-    loop.train(grpo.GRPOTask(c, records=RECORDS, scorer=scorer), c, local, mesh=ONE)
+    loop.train(grpo.GRPOTask(c, records=RECORDS, scorer=scorer), c, local, mesh=one_device())
     with pytest.raises(_Crash):
-        loop.train(_CrashingTask(c, records=RECORDS, scorer=scorer), c, remote, mesh=ONE)
+        loop.train(_CrashingTask(c, records=RECORDS, scorer=scorer), c, remote, mesh=one_device())
     assert (bucket / "runs/grpo/ckpt/2").is_dir() and not (bucket / "runs/grpo/ckpt/4").exists()
     assert len(_rows((bucket / "runs/grpo/metrics.jsonl").read_text())) == 2
-    loop.train(grpo.GRPOTask(c, records=RECORDS, scorer=scorer), c, remote, mesh=ONE)
+    loop.train(grpo.GRPOTask(c, records=RECORDS, scorer=scorer), c, remote, mesh=one_device())
 
     expected = _rows((local / "metrics.jsonl").read_text())
     assert len(expected) == 4 and "heldout_accuracy" in expected[1]
@@ -174,7 +189,7 @@ def test_checkpointer_on_a_store_restores_what_it_saved(bucket, empty_cwd):
     assert (bucket / "runs/c/ckpt/2/state").is_dir()
     loader = checkpoint.Checkpointer("gs://runs/c")
     assert loader.latest_step() == 2
-    zeros = jax.tree.map(lambda x: jax.numpy.zeros_like(x), state)
+    zeros = jax.tree.map(jnp.zeros_like, state)
     restored, data_state, meta = loader.restore(2, zeros)
     loader.close()
     jax.tree.map(np.testing.assert_array_equal, restored, state)
@@ -232,3 +247,68 @@ def test_eval_results_go_to_the_store(bucket, empty_cwd):
     assert saved["checkpoint"] == c.checkpoint
     assert {k: v for k, v in saved.items() if k not in ("checkpoint", "adapter", "config")} == \
         json.loads(json.dumps(results.to_json()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_hosts_share_one_store_workdir(tmp_path):
+    store, out, cwd = tmp_path / "store", tmp_path / "out", tmp_path / "cwd"
+    for folder in (store, out, cwd):
+        folder.mkdir()
+    port = _free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, __file__, str(store), str(out), str(p), str(port)], cwd=cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for p in (0, 1)]
+    for p in procs:
+        text, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, text[-4000:]
+    assert sorted(os.listdir(cwd)) == [], "a host wrote to the current directory"
+    for p in (0, 1):
+        got = json.loads((out / f"{p}.json").read_text())
+        assert got == {"data_state": {"position": p}, "adapter": [0.0, 1.0, 2.0, 3.0], "refused": True}, got
+    assert [json.loads(line) for line in (store / "runs/pod/metrics.jsonl").read_text().splitlines()] == \
+        [{"step": 1, "loss": 1.0}]  # the first host's line alone
+    assert json.loads((store / "runs/pod/config.json").read_text())["seed"] == get_config("tiny").seed
+    assert (store / "runs/pod/ckpt/2/state").is_dir()
+
+
+def _host(store: Path, out: Path, process: int, port: int) -> None:
+    """One host of `test_two_hosts_share_one_store_workdir`: config, metrics and a sharded checkpoint
+    in gs://runs/pod, then a config that does not match (every host must stop)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process)
+    use_fake_gcs(store)
+    c = get_config("tiny")
+    checkpoint.save_config("gs://runs/pod", c)
+    writer = metrics.MetricWriter("gs://runs/pod", enabled=process == 0)
+    writer.write(1, {"loss": float(process + 1)})
+    writer.close()
+    mesh = mesh_lib.make_mesh(2, 1, 1)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    local = np.arange(2, dtype=np.float32) + 2 * process  # this host's half of [0, 1, 2, 3]
+    state = {"adapter": jax.make_array_from_process_local_data(sharding, local)}
+    saver = checkpoint.Checkpointer("gs://runs/pod")
+    saver.save(2, state, {"position": process}, {"updates": 2})
+    saver.close()
+    loader = checkpoint.Checkpointer("gs://runs/pod")
+    abstract = {"adapter": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}
+    restored, data_state, _ = loader.restore(2, abstract)
+    loader.close()
+    gathered = multihost_utils.process_allgather(restored["adapter"], tiled=True)
+    c.seed += 1
+    try:
+        checkpoint.save_config("gs://runs/pod", c)
+        refused = False
+    except ValueError:
+        refused = True
+    (out / f"{process}.json").write_text(json.dumps(
+        {"data_state": data_state, "adapter": np.asarray(gathered).tolist(), "refused": refused}))
+
+
+if __name__ == "__main__":
+    _host(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
