@@ -18,7 +18,9 @@ from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop, memory, sft
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (resolved config, metrics, checkpoints)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: a local path or an object store such as "
+                                "gs://BUCKET/runs/NAME (resolved config, run record, metrics, TensorBoard, "
+                                "checkpoints); default runs/<peft.name>")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build abstractly: print parameter counts and memory per chip")
 _CHIPS = flags.DEFINE_integer("chips", None, "devices to estimate memory for (default: this host's)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (every host of a pod)")

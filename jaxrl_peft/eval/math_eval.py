@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from jaxrl_peft.data import loaders, prompts as prompt_lib, synthetic
 from jaxrl_peft.eval import metrics
@@ -343,7 +344,7 @@ def run(c: Any, checkpoint: str | None = None, adapter: str | None = None, outpu
         s = c.sampling
         sampling = rollout.SamplingConfig(s.max_new_tokens, s.temperature, s.top_p, s.top_k)
         if output:
-            out = Path(output)
+            out = epath.Path(output)  # a local path or an object store (gs://...)
             if out.is_dir():
                 raise ValueError(f"output {output!r} is a directory; expected a .json file path")
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -361,5 +362,5 @@ def run(c: Any, checkpoint: str | None = None, adapter: str | None = None, outpu
     if output:
         payload = {"checkpoint": str(checkpoint), "adapter": adapter or None, "config": c.to_dict(),
                    **results.to_json()}
-        Path(output).write_text(json.dumps(payload, indent=1, ensure_ascii=False))
+        epath.Path(output).write_text(json.dumps(payload, indent=1, ensure_ascii=False))
     return results

@@ -1,27 +1,44 @@
 """Orbax checkpoints of a training run: the trainable tree, optimizer state, method state, the data
 iterator's position and the step; plus a snapshot of the resolved config. Restoring the latest step
 resumes the run exactly (every random key is derived from the config seed and the step).
+
+Every path goes through `etils.epath` (the layer orbax itself uses), so a workdir may be a local
+folder or an object store (`gs://bucket/run`, `s3://...`) that every host of a pod sees.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxrl_peft.infra import mesh as mesh_lib
+
+PathLike = str | os.PathLike | epath.Path
+
+
+def is_local(path: PathLike) -> bool:
+    """Whether `path` names the local filesystem (no `scheme://` prefix such as gs:// or s3://)."""
+    return "://" not in os.fspath(path)
+
+
+def workdir_path(workdir: PathLike) -> epath.Path:
+    """The run directory as an epath: object-store URIs as given, local paths made absolute (orbax
+    needs absolute local paths; `pathlib.Path('gs://b').absolute()` would make a local folder `gs:`)."""
+    path = epath.Path(workdir)
+    return path.absolute() if is_local(path) else path
 
 
 class Checkpointer:
     """Saves and restores {'state': pytree, 'data': iterator state, 'meta': dict} under `workdir/ckpt`."""
 
-    def __init__(self, workdir: str | os.PathLike, max_to_keep: int = 3):
-        self.dir = Path(workdir).absolute() / "ckpt"
+    def __init__(self, workdir: PathLike, max_to_keep: int = 3):
+        self.dir = workdir_path(workdir) / "ckpt"
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
@@ -51,21 +68,29 @@ class Checkpointer:
         self.manager.close()
 
 
-def save_config(workdir: str | os.PathLike, config: Any) -> Path:
-    """Writes the resolved config (JSON) to `workdir/config.json`; a resumed run must match it."""
-    path = Path(workdir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_config(workdir: PathLike, config: Any) -> epath.Path:
+    """Writes the resolved config (JSON) to `workdir/config.json`; a resumed run must match it.
+
+    The first host alone reads and writes the file; its verdict is shared so every host stops together."""
+    path = workdir_path(workdir) / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if path.exists() and json.loads(path.read_text()) != json.loads(text):
-        raise ValueError(f"{path}: this workdir belongs to a run with a different config; "
-                         "use a new --workdir or the same config to resume")
-    path.write_text(text)
+    error = ""
+    if jax.process_index() == 0:
+        if path.exists() and json.loads(path.read_text()) != json.loads(text):
+            error = (f"{path}: this workdir belongs to a run with a different config; "
+                     "use a new --workdir or the same config to resume")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    error = mesh_lib.gather_json(error)[0]
+    if error:
+        raise ValueError(error)
     return path
 
 
-def read_state(workdir: str | os.PathLike, step: int) -> Any:
+def read_state(workdir: PathLike, step: int) -> Any:
     """The saved state tree of `step` ({'adapter', 'opt', 'method'}) as numpy arrays, for inspection."""
-    path = Path(workdir).absolute() / "ckpt" / str(step) / "state"
+    path = workdir_path(workdir) / "ckpt" / str(step) / "state"
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no checkpoint of step {step}")
     return jax.tree.map(np.asarray, ocp.PyTreeCheckpointer().restore(path))

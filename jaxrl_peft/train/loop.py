@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrl_peft import peft
@@ -274,16 +275,17 @@ def build(task: Task, c: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
     return Run(task, mesh, method, frozen, state, sh, tx, sched)
 
 
-def train(task: Task, c: ml_collections.ConfigDict, workdir: str | os.PathLike,
+def train(task: Task, c: ml_collections.ConfigDict, workdir: str | os.PathLike | epath.Path,
           mesh: Mesh | None = None) -> Run:
     """Runs (or resumes, when `workdir` holds a checkpoint) the run `c` of `task`; returns the run,
     its final state and its evaluation figure before and after training (`run.results`)."""
-    workdir = Path(workdir)
-    first_host = jax.process_index() == 0
+    workdir = ckpt_lib.workdir_path(workdir)  # local, gs://, s3://, ...: every file goes through epath
+    first_host = jax.process_index() == 0  # the one host that writes the shared files
     ckpt_lib.save_config(workdir, c)
     run = build(task, c, mesh)
-    if first_host and not (workdir / "run.json").exists():  # a resumed run keeps its original record
-        (workdir / "run.json").write_text(json.dumps(run_record(c, run.mesh, task.data_files), indent=2))
+    record = workdir / "run.json"
+    if first_host and not record.exists():  # a resumed run keeps its original record
+        record.write_text(json.dumps(run_record(c, run.mesh, task.data_files), indent=2))
     print(f"state_bytes_per_device={run.state_bytes_per_device()}", flush=True)
     checkpointer = ckpt_lib.Checkpointer(workdir)
     writer = metrics_lib.MetricWriter(workdir, enabled=first_host)
@@ -320,6 +322,7 @@ def train(task: Task, c: ml_collections.ConfigDict, workdir: str | os.PathLike,
             if first_host and step % c.log_every == 0:
                 progress(step, m)
             if step % c.checkpoint_every == 0 or step == c.steps:
+                writer.flush()  # the metrics file holds every step the checkpoint does
                 checkpointer.save(step, _checkpoint_tree(run.state), task.data_state(),
                                   {"eval_before": before, "updates": int(run.state.step)})
         after = task.evaluate(run.frozen, run.state.adapter)
