@@ -9,10 +9,11 @@ Results go to WORKDIR/eval_results.json (default workdir: runs/eval); nothing is
 current directory. --output=FILE names the JSON file instead ('' : none).
 """
 
+import os
 import sys
-from pathlib import Path
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval_math.py[:tiny]", lock_config=True)
@@ -32,7 +33,7 @@ def main(argv) -> None:
 
     output = _OUTPUT.value
     if output is None:
-        output = str(Path(_WORKDIR.value) / "eval_results.json")
+        output = os.fspath(epath.Path(_WORKDIR.value) / "eval_results.json")
     try:
         results = math_eval.run(c, _CHECKPOINT.value, _ADAPTER.value, output)
     except math_eval.InputError as e:
