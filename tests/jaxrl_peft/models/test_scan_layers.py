@@ -114,6 +114,7 @@ def test_adalora_on_step_and_regulariser_match_the_unrolled_layout():
     params, unrolled = _stacked_and_unrolled()
     method = peft.get("adalora", init_r=4, target_r=1, alpha=4, total_step=6, tinit=1, tfinal=1)
     _, adapter = peft.init_adapter(method, jax.random.key(1), params)
+    adapter = _noisy(adapter, 11)  # non-zero singular values, so masking shows
     adapter_u = registry.unstack_layers(adapter)
     grads = _noisy(jax.tree.map(jnp.zeros_like, adapter), 5)
     state, state_u = method.init_state(adapter), method.init_state(adapter_u)
@@ -129,6 +130,7 @@ def test_adalora_on_step_and_regulariser_match_the_unrolled_layout():
     assert len(singular_values) == 7 and singular_values[0].shape == (CFG.num_layers, 4)
     kept = sum(int(jnp.sum(e != 0)) for e in singular_values)
     assert kept == 1 * 7 * CFG.num_layers  # target_r over every module of every layer
+    assert sum(int(jnp.sum(k)) for k in jax.tree.leaves(state["pattern"])) == kept
 
 
 def test_lorafa_preconditioner_is_per_layer():
