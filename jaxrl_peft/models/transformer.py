@@ -334,9 +334,14 @@ def abstract_params(cfg: TransformerConfig) -> Any:
 
 
 def init_params(cfg: TransformerConfig, key: Array) -> Any:
-    """Random parameters (HF init: normal(0.02) weights, zero biases, unit norms), unboxed."""
-    model = Transformer(cfg)
-    return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    """Random parameters (HF init: normal(0.02) weights, zero biases, unit norms), unboxed.
+
+    The same numbers in both layouts (drawn per named layer, then stacked when `cfg.scan_layers`), so a
+    seed gives the same model whichever way its layers run.
+    """
+    model = Transformer(cfg.replace(scan_layers=False))
+    params = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    return registry.stack_layers(params) if cfg.scan_layers else params
 
 
 def shard_params(params: Any, cfg: TransformerConfig, mesh: jax.sharding.Mesh, rules: Any = None) -> Any:
