@@ -1,7 +1,8 @@
-"""Speed benchmarks: `python launch/bench.py {rollout,train,wkv7,reward} [--flags]`.
+"""Speed benchmarks: `python launch/bench.py {rollout,train,compile,wkv7,reward} [--flags]`.
 
   rollout: python launch/bench.py rollout --model=r1-distill-qwen-1.5b --batch=256 --prompt_len=256 --new_tokens=512
   train:   python launch/bench.py train --method=dora --batch=4 --seq=2048 --r=32
+  compile: python launch/bench.py compile --model=r1-distill-qwen-1.5b --layers=28 --method=lora
   wkv7:    python launch/bench.py wkv7 --B=8 --T=4096 --H=32 --K=64
   reward:  python launch/bench.py reward
 """
@@ -33,6 +34,17 @@ def main(argv=None) -> None:
     t.add_argument("--remat", type=int, default=1)
     t.add_argument("--iters", type=int, default=5)
     t.add_argument("--attention", default=None, help="xla | cudnn (default: cudnn on GPU)")
+    c = sub.add_parser("compile", help="seconds to lower and compile one train step (abstract shapes, no weights)")
+    c.add_argument("--model", default="r1-distill-qwen-1.5b")
+    c.add_argument("--layers", type=int, default=None, help="default: the model's depth")
+    c.add_argument("--method", default="lora")
+    c.add_argument("--batch", type=int, default=4)
+    c.add_argument("--seq", type=int, default=2048)
+    c.add_argument("--r", type=int, default=32)
+    c.add_argument("--alpha", type=float, default=64)
+    c.add_argument("--dtype", default="bfloat16")
+    c.add_argument("--remat", type=int, default=1)
+    c.add_argument("--scan", type=int, default=1, help="0 unrolls the layers (for comparison)")
     w = sub.add_parser("wkv7", help="WKV7 kernel forward and forward+backward ms")
     for name, default in (("B", 8), ("T", 4096), ("H", 32), ("K", 64)):
         w.add_argument(f"--{name}", type=int, default=default)
@@ -51,6 +63,10 @@ def main(argv=None) -> None:
         from jaxrl_peft.infra import bench
         bench.train(args.method, args.model, args.batch, args.seq, args.r, args.alpha, args.dtype,
                     bool(args.remat), args.iters, attention=args.attention)
+    elif args.what == "compile":
+        from jaxrl_peft.infra import bench
+        bench.compile_benchmark(args.model, args.layers, args.method, args.batch, args.seq, args.r, args.alpha,
+                                args.dtype, bool(args.remat), bool(args.scan))
     elif args.what == "wkv7":
         from rwkv_jax.kernels.wkv7 import benchmark
         benchmark.run(args.B, args.T, args.H, args.K, dtype=args.dtype, impl=args.impl)

@@ -142,3 +142,55 @@ def train(method: str = "lora", model: str = "r1-distill-qwen-1.5b", batch: int 
           f"{result['tokens_per_s']:,.0f} tokens/s ({1e3 * best:.0f} ms/step), peak memory {mem}, "
           f"trainable {trainable:,}")
     return result
+
+
+def compile_benchmark(model: str = "r1-distill-qwen-1.5b", layers: int | None = None, method: str = "lora",
+                      batch: int = 4, seq: int = 2048, r: int = 32, alpha: float = 64, dtype: str = "bfloat16",
+                      remat: bool = True, scan_layers: bool = True) -> dict[str, float]:
+    """Seconds to lower and compile every jitted function of one GRPO train step on abstract shapes.
+
+    The gradient of the policy loss through `token_logprobs` (as rl/learner.py computes it) and the
+    optimizer update with the method's `on_step`; weights are jax.ShapeDtypeStructs, so nothing is
+    allocated and any depth compiles on CPU. With scanned layers the time does not grow with `layers`.
+    """
+    import optax
+
+    from jaxrl_peft import peft
+    from jaxrl_peft.models import transformer as tfm
+    from jaxrl_peft.peft import optim
+    from jaxrl_peft.rl import losses
+
+    cfg = tfm.preset(model, dtype=dtype, param_dtype=dtype, remat=remat, scan_layers=scan_layers)
+    cfg = cfg.replace(num_layers=layers or cfg.num_layers)
+    base = tfm.Transformer(cfg)
+    params = nn.unbox(jax.eval_shape(base.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    m = peft.get(method, **method_hparams(method, r, alpha)).prepare(params)
+    params, adapter = jax.eval_shape(lambda p: peft.init_adapter(m, jax.random.key(1), p), params)
+    tx = optim.make_optimizer(m, adapter, 1e-5)
+    opt_state = jax.eval_shape(tx.init, adapter)
+    method_state = jax.eval_shape(m.init_state, adapter)
+    net = tfm.Transformer(cfg, peft=m)
+
+    def grad_fn(adapter, params, tokens, loss_mask, old_logp, advantages):
+        def loss_fn(adapter):
+            lp, _ = tfm.token_logprobs(net, {"params": params, "adapter": adapter}, tokens, with_entropy=True)
+            loss, _ = losses.policy_loss(lp, old_logp, advantages, loss_mask)
+            return loss + m.regularizer(adapter)
+        return jax.value_and_grad(loss_fn)(adapter)
+
+    def apply_fn(adapter, opt_state, method_state, grads, step):
+        updates, opt_state = tx.update(grads, opt_state, adapter)
+        adapter, method_state = m.on_step(step, grads, optax.apply_updates(adapter, updates), method_state)
+        return adapter, opt_state, method_state
+
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    per_token = jax.ShapeDtypeStruct((batch, seq - 1), jnp.float32)
+    advantages = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    step = jax.ShapeDtypeStruct((), jnp.int32)
+    t0 = time.perf_counter()
+    jax.jit(grad_fn).lower(adapter, params, tokens, per_token, per_token, advantages).compile()
+    jax.jit(apply_fn, donate_argnums=(0, 1, 2)).lower(adapter, opt_state, method_state, adapter, step).compile()
+    seconds = time.perf_counter() - t0
+    print(f"compile {method} r={r} {model} layers={cfg.num_layers} scan={scan_layers} {dtype} "
+          f"batch={batch}x{seq} remat={remat} on {device_name()}: compile_s={seconds:.2f}", flush=True)
+    return {"compile_s": seconds, "layers": cfg.num_layers}

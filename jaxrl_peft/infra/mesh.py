@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("rank", None),
     ("length", None),
+    ("layers", None),  # the leading axis of scanned (stacked) decoder layers
 )
 
 

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import transformer as tfm
 from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex, save_safetensors
+from jaxrl_peft.peft import registry
 from jaxrl_peft.peft.registry import nest
 
 _ARCHS = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
@@ -133,11 +134,13 @@ _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
 def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
-         compute_dtype: Any = None, rules=mesh_lib.LOGICAL_RULES) -> tuple[tfm.Transformer, dict]:
+         compute_dtype: Any = None, rules=mesh_lib.LOGICAL_RULES, scan_layers: bool = True
+         ) -> tuple[tfm.Transformer, dict]:
     """Loads an HF checkpoint directory: returns (model, params).
 
     Each tensor is read from the mapped file, cast to `dtype` and placed with its sharding on `mesh`
-    (default: the first device), one device slice at a time.
+    (default: the first device), one device slice at a time. With `scan_layers` the decoder layers are
+    stacked ([L, ...] under `layers`), each device slice still read layer by layer from the mapped files.
     """
     path = Path(path)
     cfg_file = path / "config.json"
@@ -149,7 +152,7 @@ def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None =
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
     dtype = jnp.dtype(dtype)
     cfg = config_from_hf(hf_cfg, str(cfg_file)).replace(
-        param_dtype=dtype.name, dtype=jnp.dtype(compute_dtype or dtype).name)
+        param_dtype=dtype.name, dtype=jnp.dtype(compute_dtype or dtype).name, scan_layers=scan_layers)
     index = TensorIndex(path)
     abstract = tfm.abstract_params(cfg)
     if mesh is None:
@@ -160,19 +163,25 @@ def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None =
     flat_shard = dict(_paths(shardings))
     used, items = set(), []
     for p, leaf in _paths(abstract):
-        name, transpose = hf_name(p)
         if p == ("lm_head", "kernel") and cfg.tie_embeddings:
             continue
-        if name not in index:
-            raise CheckpointError(f"{path}: checkpoint is missing tensor {name!r} "
-                                  f"(expected shape {tuple(reversed(leaf.value.shape)) if transpose else leaf.value.shape})")
-        raw = index.get(name)
-        want = tuple(reversed(leaf.value.shape)) if transpose else tuple(leaf.value.shape)
-        if tuple(raw.shape) != want:
-            raise CheckpointError(f"{index.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
-                                  f"expected {want} from {cfg_file.name}")
-        used.add(name)
-        items.append((p, _place(raw, transpose, dtype, flat_shard[p])))
+        stacked = p[0] == registry.LAYERS
+        layer_paths = [(f"layers_{i}",) + p[1:] for i in range(cfg.num_layers)] if stacked else [p]
+        layer_shape = leaf.value.shape[1:] if stacked else leaf.value.shape
+        raws = []
+        for lp in layer_paths:
+            name, transpose = hf_name(lp)
+            want = tuple(reversed(layer_shape)) if transpose else tuple(layer_shape)
+            if name not in index:
+                raise CheckpointError(f"{path}: checkpoint is missing tensor {name!r} (expected shape {want})")
+            raw = index.get(name)
+            if tuple(raw.shape) != want:
+                raise CheckpointError(f"{index.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, "
+                                      f"expected {want} from {cfg_file.name}")
+            used.add(name)
+            raws.append(raw.T if transpose else raw)
+        items.append((p, _place_stacked(raws, dtype, flat_shard[p]) if stacked
+                      else _place(raws[0], dtype, flat_shard[p])))
     unexpected = [n for n in index.where if n not in used and not _IGNORED.match(n)
                   and not (cfg.tie_embeddings and n == "lm_head.weight")]
     if unexpected:
@@ -181,26 +190,38 @@ def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None =
     return tfm.Transformer(cfg), nest(items)
 
 
-def _place(raw: np.ndarray, transpose: bool, dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:
-    """Puts one tensor on its devices, converting only the slice each device holds."""
-    shape = tuple(reversed(raw.shape)) if transpose else raw.shape
-    src = raw.T if transpose else raw
-
+def _place(src: np.ndarray, dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Puts one (already transposed, memory-mapped) tensor on its devices, converting only the slice
+    each device holds."""
     def fetch(index):
         return np.asarray(src[index], dtype=dtype)
+    return jax.make_array_from_callback(src.shape, sharding, fetch)
+
+
+def _place_stacked(layers: list[np.ndarray], dtype: np.dtype, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Stacks one tensor of every layer [L, ...] on its devices, each device slice read layer by layer
+    from the mapped files (no full host copy)."""
+    shape = (len(layers),) + tuple(layers[0].shape)
+
+    def fetch(index):
+        chosen = range(len(layers))[index[0]]  # [l, ...] for this device's layers
+        return np.stack([np.asarray(layers[i][index[1:]], dtype=dtype) for i in chosen])
     return jax.make_array_from_callback(shape, sharding, fetch)
 
 
 def save(path: str | os.PathLike, model: tfm.Transformer, params: dict, dtype: Any = None,
          max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers loads."""
+    """Writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers loads.
+
+    `params` in either layout; stacked layers are written per layer under their HF names.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
-    for p, leaf in _paths(nn.unbox(params)):
+    for p, leaf in _paths(registry.unstack_layers(jax.device_get(nn.unbox(params)))):
         name, transpose = hf_name(p)
         arr = np.asarray(jax.device_get(leaf)).astype(out_dtype)
         arr = arr.T if transpose else arr

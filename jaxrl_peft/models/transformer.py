@@ -1,8 +1,15 @@
 """The DeepSeek-R1-Distill decoder: Qwen2 (q/k/v bias, GQA) and Llama (Llama-3 RoPE scaling) variants.
 
-Flax linen; parameters are plain nested dicts named like the Hugging Face modules
-(`layers_3/self_attn/q_proj/kernel`), so PEFT target patterns read the same as in HF PEFT.
-Every projection goes through the shared `Linear`; parameters carry logical axis names.
+Flax linen; parameters are plain nested dicts named like the Hugging Face modules, so PEFT target
+patterns read the same as in HF PEFT. Every projection goes through the shared `Linear`; parameters
+carry logical axis names.
+
+The decoder layers run under `nn.scan` (`cfg.scan_layers`, the default), so compile time does not
+grow with depth: their parameters are stacked under one `layers` module with a leading axis named
+'layers' (`layers/self_attn/q_proj/kernel` [L, in, out]). PEFT walks still address layer i as
+`layers_i/...` (peft/registry.py). With `scan_layers=False`, or when given unrolled parameters
+(`layers_0` ... `layers_{L-1}`, e.g. an adapter whose targets differ by layer), the model unrolls its
+layers; it always follows the layout of the parameters it is applied to.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models.layers import Embed, Linear, RMSNorm
+from jaxrl_peft.peft import registry
 from jaxrl_peft.peft.base import PeftMethod
 
 Array = jax.Array
 # One layer's KV cache: {'k': [B, S, K, Dh], 'v': [B, S, K, Dh]}.
 LayerCache = dict[str, Array]
+# The whole KV cache, every layer stacked: {'k': [L, B, S, K, Dh], 'v': [L, B, S, K, Dh]}.
+Cache = dict[str, Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +62,9 @@ class TransformerConfig:
     # Attention kernel for plain causal attention (no explicit mask): 'xla', 'cudnn' (flash attention
     # on NVIDIA GPUs, bf16/fp16), or None to pick cudnn on GPU with a 16-bit dtype and xla otherwise.
     attention_impl: str | None = None
+    # Run the layers under nn.scan with stacked parameters (compile time independent of depth);
+    # False unrolls them into layers_0 ... layers_{L-1} (per-layer PEFT targets need that layout).
+    scan_layers: bool = True
 
     def replace(self, **kw: Any) -> "TransformerConfig":
         return dataclasses.replace(self, **kw)
@@ -177,20 +191,27 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm block. Carry in and out: (x [B, T, D], the whole stacked Cache or None); it reads and
+    writes its own slice `layer` of the cache, in place, so scanning over layers copies no cache."""
+
     cfg: TransformerConfig
     peft: PeftMethod | None = None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array,
-                 cache: LayerCache | None, cache_index: Array | None) -> tuple[Array, LayerCache | None]:
+    def __call__(self, carry: tuple[Array, Cache | None], positions: Array, mask: Array | None,
+                 cache_index: Array | None, layer: Array | int) -> tuple[tuple[Array, Cache | None], None]:
         cfg = self.cfg
+        x, cache = carry
         norm = dict(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                     peft=self.peft)
-        h, cache = Attention(cfg, self.peft, name="self_attn")(
-            RMSNorm(name="input_layernorm", **norm)(x), positions, mask, cache, cache_index)
+        layer_cache = None if cache is None else {k: c[layer] for k, c in cache.items()}
+        h, layer_cache = Attention(cfg, self.peft, name="self_attn")(
+            RMSNorm(name="input_layernorm", **norm)(x), positions, mask, layer_cache, cache_index)
         x = x + h
         x = x + MLP(cfg, self.peft, name="mlp")(RMSNorm(name="post_attention_layernorm", **norm)(x))
-        return x, cache
+        if cache is not None:
+            cache = {k: jax.lax.dynamic_update_index_in_dim(c, layer_cache[k], layer, 0) for k, c in cache.items()}
+        return (x, cache), None
 
 
 def make_mask(q_positions: Array, kv_positions: Array, kv_valid: Array,
@@ -212,7 +233,7 @@ class Transformer(nn.Module):
     Without a cache: full causal forward over `tokens` [B, T] (left padding via `attention_mask`
     [B, T], packed sequences via `segment_ids` [B, T]); returns logits. With neither, attention is plain
     causal (right padding needs no mask: no real token attends to a later pad).
-    With `cache` (a list with one LayerCache per layer, from `init_cache`): writes this call's keys and
+    With `cache` (the stacked Cache from `init_cache`): writes this call's keys and
     values at slot `cache_index` and attends over the whole cache, masked by `kv_mask` [B, S];
     returns (logits, new_cache). Used for prefill and for decoding one token at a time.
     """
@@ -222,7 +243,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 segment_ids: Array | None = None, cache: list[LayerCache] | None = None,
+                 segment_ids: Array | None = None, cache: Cache | None = None,
                  cache_index: Array | int | None = None, kv_mask: Array | None = None,
                  return_hidden: bool = False):
         cfg = self.cfg
@@ -241,18 +262,18 @@ class Transformer(nn.Module):
         else:
             if kv_mask is None or cache_index is None:
                 raise ValueError("decoding with a cache needs cache_index and kv_mask [batch, cache_size]")
-            s = cache[0]["k"].shape[1]
+            s = cache["k"].shape[2]
             mask = make_mask(cache_index + jnp.arange(t), jnp.arange(s), kv_mask.astype(jnp.bool_))
         embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
                       param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft, name="embed_tokens")
         x = embed(tokens)
-        layer_cls = nn.remat(DecoderLayer, static_argnums=()) if cfg.remat else DecoderLayer
-        new_cache = [] if cache is not None else None
-        for i in range(cfg.num_layers):
-            x, layer_cache = layer_cls(cfg, self.peft, name=f"layers_{i}")(
-                x, positions, mask, None if cache is None else cache[i], cache_index)
-            if cache is not None:
-                new_cache.append(layer_cache)
+        if self.scanned():
+            x, cache = self.scanned_layers(x, positions, mask, cache, cache_index)
+        else:
+            layer_cls = nn.remat(DecoderLayer) if cfg.remat else DecoderLayer
+            for i in range(cfg.num_layers):
+                (x, cache), _ = layer_cls(cfg, self.peft, name=f"layers_{i}")((x, cache), positions, mask,
+                                                                                cache_index, i)
         x = RMSNorm(eps=cfg.rms_norm_eps, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
                     peft=self.peft, name="norm")(x)
         if return_hidden:
@@ -262,17 +283,48 @@ class Transformer(nn.Module):
         else:
             out = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft, name="lm_head")(x)
-        return out if cache is None else (out, new_cache)
+        return out if cache is None else (out, cache)
+
+    def scanned(self) -> bool:
+        """Whether the layers run stacked under nn.scan: the config's choice at init, else the layout of
+        the parameters being applied (a clear error when the adapter's layout does not match)."""
+        if self.is_initializing():
+            return self.cfg.scan_layers
+        params, adapter = self.variables.get("params", {}), self.variables.get("adapter", {})
+        scanned = registry.LAYERS in params
+        unrolled_adapter = any(registry.layer_index(k) is not None for k in adapter)
+        if scanned and unrolled_adapter:
+            raise ValueError("the adapter holds per-layer entries (layers_0, ...) but the model's layers are "
+                             "stacked under 'layers': convert the adapter with peft.registry.stack_layers "
+                             "(an adapter or workdir written before layers were scanned), or unroll the "
+                             "params with peft.registry.unstack_layers")
+        if not scanned and registry.LAYERS in adapter:
+            raise ValueError("the adapter is stacked under 'layers' but the model's parameters are unrolled "
+                             "(layers_0, ...): convert one with peft.registry.stack_layers / unstack_layers")
+        return scanned
+
+    def scanned_layers(self, x: Array, positions: Array, mask: Array | None, cache: Cache | None,
+                       cache_index: Array | None) -> tuple[Array, Cache | None]:
+        """Every decoder layer as one nn.scan over stacked parameters and adapters (remat inside)."""
+        cfg = self.cfg
+        block = nn.remat(DecoderLayer, prevent_cse=False) if cfg.remat else DecoderLayer
+        stack = nn.scan(block, variable_axes={"params": 0, "adapter": 0},
+                        split_rngs={"params": True, "dropout": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+        (x, cache), _ = stack(cfg, self.peft, name=registry.LAYERS)(
+            (x, cache), positions, mask, cache_index, jnp.arange(cfg.num_layers))
+        return x, cache
 
 
-def init_cache(cfg: TransformerConfig, batch: int, size: int, dtype: Any = None) -> list[LayerCache]:
-    """Zeroed KV cache with `size` slots per row, one entry per layer."""
+def init_cache(cfg: TransformerConfig, batch: int, size: int, dtype: Any = None) -> Cache:
+    """Zeroed KV cache with `size` slots per row, every layer stacked: {'k', 'v'}: [L, B, S, K, Dh]."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+    shape = (cfg.num_layers, batch, size, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
-CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 def abstract_params(cfg: TransformerConfig) -> Any:
@@ -288,15 +340,20 @@ def param_axes(cfg: TransformerConfig) -> Any:
 
 
 def init_params(cfg: TransformerConfig, key: Array) -> Any:
-    """Random parameters (HF init: normal(0.02) weights, zero biases, unit norms), unboxed."""
-    model = Transformer(cfg)
-    return nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    """Random parameters (HF init: normal(0.02) weights, zero biases, unit norms), unboxed.
+
+    The same numbers in both layouts (drawn per named layer, then stacked when `cfg.scan_layers`), so a
+    seed gives the same model whichever way its layers run.
+    """
+    model = Transformer(cfg.replace(scan_layers=False))
+    params = nn.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    return registry.stack_layers(params) if cfg.scan_layers else params
 
 
 def shard_params(params: Any, cfg: TransformerConfig, mesh: jax.sharding.Mesh, rules: Any = None) -> Any:
-    """Places an (unboxed) parameter tree on `mesh` following the model's logical axes."""
-    from jaxrl_peft.infra import mesh as mesh_lib
-    shardings = mesh_lib.param_shardings(abstract_params(cfg), mesh, rules or mesh_lib.LOGICAL_RULES)
+    """Places an (unboxed) parameter tree, in either layout, on `mesh` following the model's logical axes."""
+    layout = cfg.replace(scan_layers=registry.is_stacked(params))
+    shardings = mesh_lib.param_shardings(abstract_params(layout), mesh, rules or mesh_lib.LOGICAL_RULES)
     return jax.tree.map(jax.device_put, params, shardings)
 
 

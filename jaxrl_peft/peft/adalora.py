@@ -6,6 +6,8 @@ torch layout lora_A = lora_a.T [r, in], lora_E = lora_e[:, None] [r, 1], lora_B 
 `on_step` is PEFT's `update_and_allocate`: importance EMAs of |theta * grad|, the cubic budget schedule
 and masking of the least important triplets (zeroing lora_e). It is pure jnp and jittable (the
 budget table is precomputed on the host with PEFT's float64 formula, so budgets match exactly).
+Stacked (scanned) layers are seen layer by layer: the budget, the scores and the state cover every
+module of every layer, exactly as for unrolled layers (the state is kept per layer, `layers_<i>`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ import numpy as np
 
 from jaxrl_peft.peft.base import Adapter, Array, PeftMethod, linear
 from jaxrl_peft.peft.lora import _check_common, dropout, hf_number, to_np
-from jaxrl_peft.peft.registry import nest, register
+from jaxrl_peft.peft.registry import is_stacked, nest, register, stack_layers, unstack_layers
 
 
 def _svd_modules(tree: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
-    """(path, module dict) for every AdaLoRA module (a dict holding 'lora_e') in an adapter-shaped tree."""
+    """(path, module dict) for every AdaLoRA module (a dict holding 'lora_e') in an adapter-shaped tree,
+    stacked layers one layer at a time (path 'layers_<i>/...')."""
+    if not path:
+        tree = unstack_layers(tree)
     if isinstance(tree, dict):
         if "lora_e" in tree:
             yield path, tree
@@ -174,6 +179,8 @@ class AdaLoRA(PeftMethod):
         step < T - tfinal: update the EMAs, then mask to the scheduled budget when the schedule says so;
         step == T - tfinal: final mask to target_r * #modules, EMAs reset; after that: re-apply that mask.
         """
+        stacked = is_stacked(adapter_tree)
+        adapter_tree, grads = unstack_layers(adapter_tree), unstack_layers(grads)
         mods = list(_svd_modules(adapter_tree))
         budgets, mask_inds, init_bgt = self.budget_table(len(mods))
         t_final = self._total_step() - self.tfinal
@@ -210,6 +217,7 @@ class AdaLoRA(PeftMethod):
             pattern.append((path, {"keep": keep}))
         reset = lambda t: jax.tree.map(lambda x: jnp.where(finalizing, jnp.zeros_like(x), x), t)  # noqa: E731
         paths = [p for p, _ in mods]
+        new_tree = stack_layers(new_tree) if stacked else new_tree
         return new_tree, {"ipt": reset(nest(list(zip(paths, ipt)))), "unc": reset(nest(list(zip(paths, unc)))),
                           "pattern": nest(pattern)}
 

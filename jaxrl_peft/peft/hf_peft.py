@@ -6,7 +6,8 @@ no format for it), `hf_tensors(module_adapter)` (suffix -> torch-layout tensor),
 as VeRA's projections, handed back to `from_hf_tensors` under their last name part), and the classmethod
 `from_hf_config(config, **kwargs)` of the class that `peft_type` (and for LORA its flags) selects.
 Tensor names are PEFT's: `base_model.model.<HF module name>.<suffix>`, e.g.
-`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. Stacked (scanned) layers are
+exported and imported per layer under these same names.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def to_hf_state_dict(method: PeftMethod, params: dict, adapter: dict) -> dict[st
     for path, _, _, a in _adapted(params, adapter):
         for suffix, t in method.hf_tensors(a).items():
             out[f"{PREFIX}{module_name(path)}.{suffix}"] = np.ascontiguousarray(np.asarray(jax.device_get(t)))
-    shared = method.hf_shared_tensors(adapter)  # model-level tensors, e.g. VeRA's projections
+    shared = method.hf_shared_tensors(registry.unstack_layers(adapter))  # model-level, e.g. VeRA's projections
     out.update({k: np.ascontiguousarray(np.asarray(jax.device_get(v))) for k, v in shared.items()})
     return out
 
@@ -164,7 +165,7 @@ def load_adapter(path: str | os.PathLike, model_cfg: tfm.TransformerConfig, para
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise hf.CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
-    layers = sum(1 for k in params if re.fullmatch(r"layers_\d+", k))
+    layers = registry.num_layers(params)
     if layers != model_cfg.num_layers:
         raise ValueError(f"params hold {layers} layers but the model config says {model_cfg.num_layers}")
     method = method_from_hf_config(cfg, _match_targets(cfg, params, str(cfg_file)), str(cfg_file)).prepare(params)
@@ -193,6 +194,8 @@ def load_adapter(path: str | os.PathLike, model_cfg: tfm.TransformerConfig, para
     if names:
         raise hf.CheckpointError(f"{weights}: tensors for modules that {CONFIG_NAME} does not target: "
                                  f"{sorted(names)[:5]}")
+    if registry.is_stacked(new_params):
+        adapter = registry.stack_layers(adapter, model_cfg.num_layers)
     return method, new_params, adapter
 
 

@@ -229,10 +229,11 @@ class LoRAFA(LoRA):
         return {k: "frozen" if k == "lora_a" else "lorafa" for k in adapter}
 
     def precondition(self, grads: Adapter, adapter: Adapter) -> Adapter:
-        """g_B <- (1/s^2) (A A^T + delta I)^+ g_B per module (PEFT LoraFAOptimizer), our layout [r, out]."""
+        """g_B <- (1/s^2) (A A^T + delta I)^+ g_B per module (PEFT LoraFAOptimizer), our layout [r, out];
+        leading axes (stacked layers) are batch axes."""
         if "lora_b" not in grads:
             return grads
-        a = adapter["lora_a"].astype(jnp.float32)  # [in, r]
-        gram = a.T @ a + self.pinv_delta * jnp.eye(a.shape[1], dtype=jnp.float32)  # [r, r]
+        a = adapter["lora_a"].astype(jnp.float32)  # [..., in, r]
+        gram = jnp.swapaxes(a, -1, -2) @ a + self.pinv_delta * jnp.eye(a.shape[-1], dtype=jnp.float32)  # [..., r, r]
         g = jnp.linalg.pinv(gram) @ grads["lora_b"].astype(jnp.float32) / self.scaling ** 2
         return {**grads, "lora_b": g.astype(grads["lora_b"].dtype)}

@@ -2,10 +2,17 @@
 
 A module in a parameter tree is a dict; it is a linear layer when it holds a 2-D `kernel`, a norm
 when it holds a 1-D `scale` and a token embedding when it holds a 2-D `embedding`. Paths are tuples of module names, e.g. ('layers_0', 'mlp', 'up_proj').
+
+Decoder layers may be stacked: one top-level `layers` subtree whose leaves carry a leading layer axis (the model
+runs them under `nn.scan`). The walks below see such a tree layer by layer, with the unstacked paths
+`layers_<i>/...`, so methods, target patterns and keys are the same in both layouts; what they write
+back is stacked again. When a method's adapter differs between layers (per-layer targets),
+`init_adapter` returns the unrolled layout (`layers_0` ... `layers_{L-1}`), which the model also runs.
 """
 
 from __future__ import annotations
 
+import re
 import zlib
 from typing import Any, Callable, Iterable, Iterator
 
@@ -16,6 +23,10 @@ import numpy as np
 from jaxrl_peft.peft.base import PeftMethod
 
 _METHODS: dict[str, type[PeftMethod]] = {"none": PeftMethod}
+
+# The subtree holding the stacked decoder layers, and the name of one unrolled layer.
+LAYERS = "layers"
+_LAYER_NAME = re.compile(r"layers_(\d+)")
 
 
 def register(cls: type[PeftMethod]) -> type[PeftMethod]:
@@ -47,8 +58,98 @@ def methods() -> list[str]:
     return sorted(_METHODS)
 
 
+# ------------------------------------------------------------------------ stacked <-> unrolled layers
+
+def layer_index(name: str) -> int | None:
+    """i for an unrolled layer's name 'layers_<i>', else None."""
+    match = _LAYER_NAME.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def is_stacked(tree: Any) -> bool:
+    """Whether `tree` holds its decoder layers stacked under one `layers` subtree."""
+    return isinstance(tree, dict) and isinstance(tree.get(LAYERS), dict)
+
+
+def _take(leaf: Any, i: int) -> Any:
+    """Layer i of a stacked leaf (array or jax.ShapeDtypeStruct)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[i]
+
+
+def _stack(leaves: list[Any]) -> Any:
+    """Stacks per-layer leaves (arrays, numpy arrays or jax.ShapeDtypeStructs) along a new axis 0."""
+    first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves),) + tuple(first.shape), first.dtype)
+    if isinstance(first, np.ndarray):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def layer_view(stacked: dict, i: int) -> dict:
+    """Layer i of a stacked `layers` subtree: the same nesting, each leaf without its layer axis."""
+    return jax.tree.map(lambda leaf: _take(leaf, i), stacked)
+
+
+def num_layers(tree: dict) -> int:
+    """The number of decoder layers in a parameter (or adapter) tree, in either layout."""
+    if is_stacked(tree):
+        leaves = jax.tree.leaves(tree[LAYERS])
+        return int(jnp.shape(leaves[0])[0]) if leaves else 0
+    return sum(1 for k in tree if layer_index(k) is not None)
+
+
+def unstack_layers(tree: dict) -> dict:
+    """The unrolled layout of `tree`: its `layers` subtree split into `layers_0` ... `layers_{L-1}`."""
+    if not is_stacked(tree):
+        return tree
+    out = {k: v for k, v in tree.items() if k != LAYERS}
+    out.update({f"layers_{i}": layer_view(tree[LAYERS], i) for i in range(num_layers(tree))})
+    return out
+
+
+def layers_differ(tree: dict, count: int | None = None) -> str | None:
+    """Why the unrolled layers of `tree` cannot be stacked (a message), or None when they can."""
+    found = sorted(i for i in (layer_index(k) for k in tree) if i is not None)
+    if not found:
+        return None
+    count = len(found) if count is None else count
+    if found != list(range(count)):
+        return f"only layers {found} of {count} are present"
+    structs = [jax.tree.map(lambda x: (jnp.shape(x), jnp.dtype(x.dtype)), tree[f"layers_{i}"]) for i in found]
+    for i, s in enumerate(structs[1:], 1):
+        if jax.tree.structure(s) != jax.tree.structure(structs[0]) or s != structs[0]:
+            return f"layer {i} differs from layer 0"
+    return None
+
+
+def stack_layers(tree: dict, count: int | None = None) -> dict:
+    """The stacked layout of `tree`: `layers_0` ... `layers_{L-1}` joined into one `layers` subtree.
+
+    Also converts adapters and workdirs written before the layers were stacked. Raises when the
+    layers differ (per-layer targets): such a tree stays unrolled.
+    """
+    if is_stacked(tree) or not any(layer_index(k) is not None for k in tree):
+        return tree
+    why = layers_differ(tree, count)
+    if why:
+        raise ValueError(f"cannot stack the decoder layers of this tree: {why} (per-layer targets keep the "
+                         "unrolled layout)")
+    count = num_layers(tree)
+    out = {k: v for k, v in tree.items() if layer_index(k) is None}
+    out[LAYERS] = jax.tree.map(lambda *xs: _stack(list(xs)), *[tree[f"layers_{i}"] for i in range(count)])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ walks
+
 def modules(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str, dict]]:
-    """Yields (path, kind, module_dict) for every 'linear', 'norm' and 'embedding' module."""
+    """Yields (path, kind, module_dict) for every 'linear', 'norm' and 'embedding' module.
+
+    Stacked layers are yielded one layer at a time (path 'layers_<i>/...', leaves without the layer axis).
+    """
     kernel, scale, table = params.get("kernel"), params.get("scale"), params.get("embedding")
     if kernel is not None and jnp.ndim(kernel) == 2:
         yield path, "linear", params
@@ -57,7 +158,10 @@ def modules(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[st
     elif table is not None and jnp.ndim(table) == 2:
         yield path, "embedding", params
     for name, sub in params.items():
-        if isinstance(sub, dict):
+        if name == LAYERS and not path and isinstance(sub, dict):
+            for i in range(num_layers(params)):
+                yield from modules(layer_view(sub, i), path + (f"layers_{i}",))
+        elif isinstance(sub, dict):
             yield from modules(sub, path + (name,))
 
 
@@ -90,13 +194,45 @@ def _copy(tree: dict) -> dict:
     return {k: _copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
+def _with_writes(params: dict, writes: list[tuple[tuple[str, ...], str, Any]]) -> dict:
+    """A copy of `params` with each (module path, leaf name, value) written, in the layout of `params`.
+
+    Writes to unrolled paths 'layers_<i>/...' of stacked params are stacked when every layer gets one;
+    otherwise the copy comes back unrolled.
+    """
+    out = _copy(params)
+    if not is_stacked(params):
+        for path, leaf_name, value in writes:
+            _set(out, path, leaf_name, value)
+        return out
+    count = num_layers(params)
+    per_layer: dict[tuple[tuple[str, ...], str], dict[int, Any]] = {}
+    for path, leaf_name, value in writes:
+        i = layer_index(path[0]) if path else None
+        if i is None:
+            _set(out, path, leaf_name, value)
+        else:
+            per_layer.setdefault((path[1:], leaf_name), {})[i] = value
+    if all(len(values) == count for values in per_layer.values()):
+        for (sub, leaf_name), values in per_layer.items():
+            _set(out, (LAYERS,) + sub, leaf_name, _stack([values[i] for i in range(count)]))
+        return out
+    out = unstack_layers(out)
+    for (sub, leaf_name), values in per_layer.items():
+        for i, value in values.items():
+            _set(out, (f"layers_{i}",) + sub, leaf_name, value)
+    return out
+
+
 def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict, dict]:
     """Returns (params', adapter): the adapter tree for every targeted module, nested like `params`.
 
     params' equals params except where a residual method (PiSSA, MiLoRA) rewrote a base kernel.
-    Each module's key is derived from its path, so the result does not depend on traversal order.
+    Each module's key is derived from its (unrolled) path, so the result does not depend on traversal
+    order or on the layout. With stacked params the adapter is stacked too, unless it differs between
+    layers: then params' and the adapter both come back unrolled.
     """
-    new_params, adapter = _copy(params), {}
+    writes, adapter = [], {}
     for path, kind, mod in modules(params):
         if not method.targets(path, kind):
             continue
@@ -104,7 +240,7 @@ def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict
         if kind == "linear":
             kernel, a = method.init(k, mod["kernel"], mod.get("bias"), path=path)
             if kernel is not mod["kernel"]:
-                _set(new_params, path, "kernel", kernel)
+                writes.append((path, "kernel", kernel))
         elif kind == "norm":
             a = method.init_norm(k, mod["scale"], path=path)
         else:
@@ -114,16 +250,29 @@ def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict
     if not adapter and method.name != "none":
         raise ValueError(f"PEFT method {method.name!r}: target_modules {method.target_modules} matched no "
                          "module of the model")
-    return new_params, adapter
+    if not is_stacked(params):
+        return _with_writes(params, writes), adapter
+    if layers_differ(adapter, num_layers(params)) is None:
+        new_params = _with_writes(params, writes)
+        if is_stacked(new_params):
+            return new_params, stack_layers(adapter)
+    return _with_writes(unstack_layers(params), writes), adapter
 
 
 def _adapter_at(adapter: dict, path: tuple[str, ...]) -> dict | None:
-    node = adapter
+    """The adapter leaves of the module at `path` (unrolled), from a stacked or an unrolled adapter."""
+    node: Any = adapter
+    i = layer_index(path[0]) if path else None
+    if i is not None and is_stacked(adapter):
+        node, path = adapter[LAYERS], path[1:]
     for p in path:
         node = node.get(p) if isinstance(node, dict) else None
         if node is None:
             return None
-    return {k: v for k, v in node.items() if not isinstance(v, dict)} or None
+    leaves = {k: v for k, v in node.items() if not isinstance(v, dict)}
+    if i is not None and is_stacked(adapter):
+        leaves = {k: _take(v, i) for k, v in leaves.items()}
+    return leaves or None
 
 
 def merge(method: PeftMethod, params: dict, adapter: dict) -> dict:
@@ -131,32 +280,38 @@ def merge(method: PeftMethod, params: dict, adapter: dict) -> dict:
     if method.replaces_base():  # the trained copies are the weights (the base may hold placeholders)
         merged = method.model_variables(params, adapter)["params"]
         return jax.tree.map(lambda m, p: m.astype(p.dtype), merged, params)
-    out = _copy(params)
+    writes = []
     for path, kind, mod in modules(params):
         a = _adapter_at(adapter, path)
         if not a:
             continue
         if kind == "linear":
             kernel, bias = method.merge(mod["kernel"], mod.get("bias"), a)
-            _set(out, path, "kernel", kernel.astype(mod["kernel"].dtype))
+            writes.append((path, "kernel", kernel.astype(mod["kernel"].dtype)))
             if bias is not None:
-                _set(out, path, "bias", bias.astype(mod["kernel"].dtype))
+                writes.append((path, "bias", bias.astype(mod["kernel"].dtype)))
         elif kind == "norm":
-            _set(out, path, "scale", method.norm_scale(mod["scale"], a).astype(mod["scale"].dtype))
+            writes.append((path, "scale", method.norm_scale(mod["scale"], a).astype(mod["scale"].dtype)))
         else:
             table = mod["embedding"]
-            _set(out, path, "embedding", method.embedding_table(table, a).astype(table.dtype))
-    return out
+            writes.append((path, "embedding", method.embedding_table(table, a).astype(table.dtype)))
+    return _with_writes(params, writes)
 
 
 def labels(method: PeftMethod, adapter: dict) -> dict:
-    """Optimizer label per adapter leaf (same nesting as `adapter`)."""
-    def walk(node: dict) -> dict:
+    """Optimizer label per adapter leaf (same nesting as `adapter`); stacked leaves are labelled as
+    one layer's (every layer gets the same labels)."""
+    def walk(node: dict, stacked: bool) -> dict:
         leaves = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if stacked:
+            leaves = {k: jax.ShapeDtypeStruct(jnp.shape(v)[1:], v.dtype) for k, v in leaves.items()}
         out = dict(method.param_labels(leaves)) if leaves else {}
-        out.update({k: walk(v) for k, v in node.items() if isinstance(v, dict)})
+        out.update({k: walk(v, stacked) for k, v in node.items() if isinstance(v, dict)})
         return out
-    return walk(adapter)
+    out = walk({k: v for k, v in adapter.items() if k != LAYERS}, False)
+    if is_stacked(adapter):
+        out[LAYERS] = walk(adapter[LAYERS], True)
+    return out
 
 
 def trainable_count(method: PeftMethod, adapter: dict) -> int:
@@ -168,15 +323,17 @@ def trainable_count(method: PeftMethod, adapter: dict) -> int:
 
 def map_modules(fn: Callable[[tuple[str, ...], str, dict, dict | None], Any], params: dict,
                 adapter: dict) -> list[Any]:
-    """Calls fn(path, kind, module_params, module_adapter) for every module; returns the results."""
+    """Calls fn(path, kind, module_params, module_adapter) for every module (layer by layer when
+    stacked, with unrolled paths); returns the results."""
     return [fn(path, kind, mod, _adapter_at(adapter, path)) for path, kind, mod in modules(params)]
 
 
 def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
     """Logical axis names for every adapter leaf (same nesting as `adapter`), from the axes of the
     weight each module adapts (`param_axes`: the params tree with a tuple of axis names per leaf).
-    Model-level leaves outside any module (VeRA's shared projections) get no names (replicated)."""
-    def walk(axes_node: Any, adapter_node: dict) -> dict:
+    Stacked layers keep their leading 'layers' axis. Model-level leaves outside any module (VeRA's
+    shared projections) get no names (replicated)."""
+    def walk(axes_node: Any, adapter_node: dict, stacked: bool) -> dict:
         leaves = {k: v for k, v in adapter_node.items() if not isinstance(v, dict)}
         node: dict = {}
         if leaves:
@@ -184,14 +341,18 @@ def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
             kind_leaf = next((own[name] for name in ("kernel", "scale", "embedding") if name in own), None)
             if kind_leaf is None:
                 node.update({k: (None,) * jnp.ndim(v) for k, v in leaves.items()})
+            elif stacked:  # one layer's axes, then the layer axis in front again
+                one = {k: jax.ShapeDtypeStruct(jnp.shape(v)[1:], v.dtype) for k, v in leaves.items()}
+                node.update({k: (kind_leaf[0],) + tuple(a) for k, a in
+                             method.adapter_axes(tuple(kind_leaf[1:]), one).items()})
             else:
                 node.update(method.adapter_axes(tuple(kind_leaf), leaves))
         for k, v in adapter_node.items():
             if isinstance(v, dict):
                 sub = axes_node.get(k, {}) if isinstance(axes_node, dict) else {}
-                node[k] = walk(sub, v)
+                node[k] = walk(sub, v, stacked or (k == LAYERS and axes_node is param_axes))
         return node
-    return walk(param_axes, adapter)
+    return walk(param_axes, adapter, False)
 
 
 def drop_replaced(method: PeftMethod, params: dict, adapter: dict) -> dict:

@@ -57,13 +57,15 @@ CASES = [("qwen2", False, None), ("qwen2", True, None), ("llama", False, None), 
          ("llama", False, "20KB")]
 
 
+@pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("kind,tie,shard", CASES)
-def test_logits_match_transformers(tmp_path, kind, tie, shard):
+def test_logits_match_transformers(tmp_path, kind, tie, shard, scan):
     ref = make_hf(kind, tie)
     ref.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
     if shard:
         assert (tmp_path / "model.safetensors.index.json").exists()
-    model, params = hf.load(tmp_path, dtype=jnp.float32)
+    model, params = hf.load(tmp_path, dtype=jnp.float32, scan_layers=scan)
+    assert ("layers" in params) == scan and ("layers_1" in params) == (not scan)
     assert model.cfg.arch == kind and model.cfg.tie_embeddings == tie
     tokens = np.random.RandomState(1).randint(0, VOCAB, (2, 40))
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(tokens)))
@@ -102,8 +104,9 @@ def test_segments_isolate_packed_sequences():
     np.testing.assert_allclose(packed, jnp.concatenate([a, b], axis=1), atol=1e-5)
 
 
-def test_kv_cache_decoding_equals_full_forward():
-    cfg = tfm.preset("tiny", dtype="float32")
+@pytest.mark.parametrize("scan", [True, False])
+def test_kv_cache_decoding_equals_full_forward(scan):
+    cfg = tfm.preset("tiny", dtype="float32", scan_layers=scan)
     params = tfm.init_params(cfg, jax.random.key(0))
     model = tfm.Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
@@ -140,7 +143,10 @@ def test_save_loads_in_transformers(tmp_path):
     # bf16 round trip through our own loader.
     hf.save(tmp_path / "bf16", model, params, dtype=jnp.bfloat16)
     _, p16 = hf.load(tmp_path / "bf16", dtype=jnp.bfloat16)
-    assert p16["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    q16 = p16["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q16.dtype == jnp.bfloat16 and q16.shape == (cfg.num_layers, cfg.hidden_size, cfg.hidden_size)
+    np.testing.assert_allclose(np.asarray(q16, np.float32),
+                               np.asarray(params["layers"]["self_attn"]["q_proj"]["kernel"]), atol=4e-3)
 
 
 def test_bad_checkpoints_fail_clearly(tmp_path):
@@ -180,7 +186,7 @@ def test_sharded_forward_equals_single_device():
     for shape in [(2, 2, 2), (1, 8, 1), (1, 4, 2)]:
         mesh = mesh_lib.make_mesh(*shape)
         sharded = tfm.shard_params(params, cfg, mesh)
-        assert len(sharded["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
+        assert len(sharded["layers"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
         out = jax.jit(model.apply)({"params": sharded},
                                    jax.device_put(tokens, mesh_lib.batch_sharding(mesh, 2)))
         np.testing.assert_allclose(np.asarray(out), np.asarray(single), atol=1e-5)

@@ -147,8 +147,10 @@ def test_pissa_matches_peft(base, base_logits, tmp_path):
 def test_milora_init_is_the_minor_svd_and_exports_relative_to_the_original(base, base_logits, tmp_path):
     method = peft.get("milora", r=4, alpha=4)  # alpha = r: s = 1, as the MiLoRA code
     params, adapter0 = peft.init_adapter(method, KEY, base.params)
+    assert "layers" in params and "layers" in adapter0  # stacked (scanned) layers
+    base_layers = registry.unstack_layers(base.params)  # layer i at 'layers_i', as the paths below name it
     for path, mod, a in _modules(params, adapter0):
-        kernel0 = np.asarray(base.params[path[0]][path[1]][path[2]]["kernel"], np.float64)
+        kernel0 = np.asarray(base_layers[path[0]][path[1]][path[2]]["kernel"], np.float64)
         u, s, vh = np.linalg.svd(kernel0.T, full_matrices=False)  # torch layout [out, in], float64
         a_ref = (np.sqrt(s[-4:])[:, None] * vh[-4:])  # [r, in]
         b_ref = u[:, -4:] * np.sqrt(s[-4:])[None, :]  # [out, r]
@@ -161,9 +163,10 @@ def test_milora_init_is_the_minor_svd_and_exports_relative_to_the_original(base,
     assert np.abs(pu.our_logits(method, base, params, adapter0, tokens) - base_logits).max() <= TOL
 
     adapter = pu.randomize(adapter0, seed=5, skip=("lora_a0", "lora_b0"))
-    reference = registry._copy(adapter)
+    reference = registry.unstack_layers(registry._copy(adapter))
     for path, _, a in _modules(params, adapter):
         registry._set(reference, path, None, method.reference_adapter(a))
+    reference = registry.stack_layers(reference)
     assert np.abs(pu.our_logits(method, base, params, reference, tokens) - base_logits).max() <= TOL
     ours = pu.our_logits(method, base, params, adapter, tokens)
     hf_peft.save_adapter(tmp_path / "ours", method, params, adapter)

@@ -169,10 +169,12 @@ def test_matches_peft_and_round_trips(base, case, tmp_path):
     ours_merged = merged(method, params2, adapter2)
     assert np.abs(plain(base, ours_merged, tokens) - theirs_logits).max() <= TOL
     hf_merged = pu.hf_state_to_np(pm.merge_and_unload().state_dict())
+    assert "layers" in ours_merged  # stacked layers, compared layer by layer under the unrolled paths
+    merged_layers = registry.unstack_layers(ours_merged)
     for path, _, mod in registry.modules(base.params):
         for leaf in mod:
             name, transpose = hf.hf_name(path + (leaf,))
-            w = np.asarray(_leaf(ours_merged, path + (leaf,)))
+            w = np.asarray(_leaf(merged_layers, path + (leaf,)))
             np.testing.assert_allclose(w.T if transpose else w, hf_merged[name], atol=1e-5, rtol=0)
     hf_peft.save_merged(tmp_path / "merged", base.model, method2, params2, adapter2)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
@@ -204,8 +206,9 @@ def test_full_finetuning_matches_transformers(base, tmp_path):
     assert np.abs(ours(base, method, params, adapter, tokens, weights)[0] - base_logits).max() <= 1e-5
 
     adapter = perturb(method, adapter, seed=3, scale=0.02)
+    assert "layers" in adapter  # stacked; HF names are per layer
     flat = {hf.hf_name(tuple(k.key for k in kp)) : np.asarray(v)
-            for kp, v in jax.tree_util.tree_flatten_with_path(adapter)[0]}
+            for kp, v in jax.tree_util.tree_flatten_with_path(registry.unstack_layers(adapter))[0]}
     assert len(flat) == (7 + 3 + 2) + 3  # the block's kernels, q/k/v biases, norms; final norm, lm_head, embed
     ref = base.hf_model()
     state = ref.state_dict()
@@ -218,7 +221,7 @@ def test_full_finetuning_matches_transformers(base, tmp_path):
     (ref_logits * torch.tensor(weights)).sum().backward()
     ref_grads = {n: p.grad.numpy() for n, p in ref.named_parameters() if p.requires_grad}
     our_grads = {}
-    for kp, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    for kp, g in jax.tree_util.tree_flatten_with_path(registry.unstack_layers(grads))[0]:
         name, transpose = hf.hf_name(tuple(k.key for k in kp))
         our_grads[name] = np.asarray(g).T if transpose else np.asarray(g)
     assert sorted(our_grads) == sorted(ref_grads)
@@ -314,7 +317,7 @@ def test_vera_needs_its_projection_shape_and_freezes_the_projections(base):
     method = method.prepare(base.params)
     assert method.projection_shape == (96, 96)  # (largest out: gate/up, largest in: down)
     _, adapter = peft.init_adapter(method, KEY, base.params)
-    assert peft.labels(method, adapter)["layers_0"]["self_attn"]["q_proj"] == {
+    assert peft.labels(method, adapter)["layers"]["self_attn"]["q_proj"] == {
         "A": "frozen", "B": "frozen", "lambda_b": "default", "lambda_d": "default"}
     assert peft.trainable_count(method, adapter) == 4 * 7 + (64 + 32 + 32 + 64 + 96 + 96 + 64)
 
