@@ -17,7 +17,7 @@ from absl import app, flags
 
 from jaxrl_peft.analysis import report, spectral
 from jaxrl_peft.models import hf
-from jaxrl_peft.peft import hf_peft
+from jaxrl_peft.models import hf_peft
 from jaxrl_peft.peft.base import ALL_LINEAR, PeftMethod
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "base HF checkpoint directory (the original weights)")

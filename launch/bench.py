@@ -56,15 +56,15 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if args.what == "rollout":
-        from jaxrl_peft.infra import bench
+        from jaxrl_peft.rl import bench
         bench.rollout(args.model, args.batch, args.prompt_len, args.new_tokens, args.dtype, args.iters,
                       temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     elif args.what == "train":
-        from jaxrl_peft.infra import bench
+        from jaxrl_peft.train import bench
         bench.train(args.method, args.model, args.batch, args.seq, args.r, args.alpha, args.dtype,
                     bool(args.remat), args.iters, attention=args.attention)
     elif args.what == "compile":
-        from jaxrl_peft.infra import bench
+        from jaxrl_peft.train import bench
         bench.compile_benchmark(args.model, args.layers, args.method, args.batch, args.seq, args.r, args.alpha,
                                 args.dtype, bool(args.remat), bool(args.scan))
     elif args.what == "wkv7":

@@ -29,7 +29,7 @@ from jaxrl_peft.data import loaders, prompts as prompt_lib, synthetic
 from jaxrl_peft.eval import metrics
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import hf, transformer as tfm
-from jaxrl_peft.peft import hf_peft
+from jaxrl_peft.models import hf_peft
 from jaxrl_peft.rewards import math as reward_lib
 from jaxrl_peft.rl import rollout
 

@@ -36,9 +36,10 @@ def register(cls: type[PeftMethod]) -> type[PeftMethod]:
 
 
 def get(name: str, **kwargs: Any) -> PeftMethod:
-    """The method called `name`, built with its hyperparameters (e.g. get('lora', r=32, alpha=64))."""
-    from jaxrl_peft import peft as _peft  # noqa: F401  (imports every method module so they register)
+    """The method called `name`, built with its hyperparameters (e.g. get('lora', r=32, alpha=64)).
 
+    Every method module registers itself when `jaxrl_peft.peft` is imported, which importing this
+    module (`jaxrl_peft.peft.registry`) always does first."""
     if name not in _METHODS:
         raise ValueError(f"unknown PEFT method {name!r}; known: {', '.join(sorted(_METHODS))}")
     try:
@@ -54,7 +55,6 @@ def from_config(peft_config: Any) -> PeftMethod:
 
 
 def methods() -> list[str]:
-    from jaxrl_peft import peft as _peft  # noqa: F401
     return sorted(_METHODS)
 
 

@@ -16,7 +16,8 @@ import pytest
 
 from jaxrl_peft.analysis import report, spectral
 from jaxrl_peft.models import hf, transformer as tfm
-from jaxrl_peft.peft import hf_peft, registry
+from jaxrl_peft.models import hf_peft
+from jaxrl_peft.peft import registry
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -132,7 +132,8 @@ def test_metrics_match_per_problem_results_and_do_not_depend_on_batching(base_ru
 
 
 def test_adapter_is_loaded_and_applied(workdir, base_run):
-    from jaxrl_peft.peft import hf_peft, registry
+    from jaxrl_peft.models import hf_peft
+from jaxrl_peft.peft import registry
 
     _, variables, tok, benchmarks, base, _ = base_run
     method = registry.get("lora", r=2, alpha=4.0, target_modules=("q_proj", "v_proj", "down_proj"))

@@ -9,7 +9,8 @@ import pytest
 from jaxrl_peft import peft
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import hf, transformer as tfm
-from jaxrl_peft.peft import hf_peft, optim, registry
+from jaxrl_peft.models import hf_peft
+from jaxrl_peft.peft import optim, registry
 
 CFG = tfm.preset("tiny", dtype="float32", vocab_size=128, num_layers=3)
 TOKENS = jax.random.randint(jax.random.key(7), (2, 10), 0, 128)

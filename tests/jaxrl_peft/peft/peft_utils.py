@@ -22,7 +22,8 @@ transformers = pytest.importorskip("transformers")
 hf_peft_lib = pytest.importorskip("peft")
 
 from jaxrl_peft.models import hf, transformer as tfm  # noqa: E402
-from jaxrl_peft.peft import hf_peft, registry  # noqa: E402
+from jaxrl_peft.models import hf_peft
+from jaxrl_peft.peft import registry  # noqa: E402
 from jaxrl_peft.peft.base import PeftMethod  # noqa: E402
 
 VOCAB = 128

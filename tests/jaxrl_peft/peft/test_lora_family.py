@@ -18,7 +18,8 @@ from peft_utils import hf_peft_lib, torch, transformers
 
 from jaxrl_peft import peft
 from jaxrl_peft.models import transformer as tfm
-from jaxrl_peft.peft import hf_peft, optim, registry
+from jaxrl_peft.models import hf_peft
+from jaxrl_peft.peft import optim, registry
 from jaxrl_peft.peft.base import ALL_LINEAR, PeftMethod
 from jaxrl_peft.peft.svd_init import svd_lowrank
 

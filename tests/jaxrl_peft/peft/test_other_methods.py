@@ -20,7 +20,8 @@ from peft_utils import hf_peft_lib, torch, transformers
 
 from jaxrl_peft import peft
 from jaxrl_peft.models import hf, transformer as tfm
-from jaxrl_peft.peft import hf_peft, registry
+from jaxrl_peft.models import hf_peft
+from jaxrl_peft.peft import registry
 from jaxrl_peft.peft import vera as vera_lib
 from jaxrl_peft.peft.base import ALL_LINEAR
 
