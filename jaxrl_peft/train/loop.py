@@ -294,7 +294,7 @@ def train(task: Task, c: ml_collections.ConfigDict, workdir: str | os.PathLike |
         latest = checkpointer.latest_step()
         step = 0
         if latest is not None:
-            restored, data_state, meta = checkpointer.restore(latest, _checkpoint_tree(run.state))
+            restored, data_state, meta = _restore(checkpointer, latest, run.state, workdir)
             run.state = state_lib.TrainState(jnp.asarray(meta["updates"], jnp.int32), restored["adapter"],
                                              restored["opt"], restored["method"])
             run.state = state_lib.place(run.state, run.shardings.train)
@@ -334,6 +334,23 @@ def train(task: Task, c: ml_collections.ConfigDict, workdir: str | os.PathLike |
     print(f"{name} before={before:.3f} after={after:.3f}", flush=True)
     run.results = {f"{name}_before": before, f"{name}_after": after}
     return run
+
+
+def _restore(checkpointer: ckpt_lib.Checkpointer, step: int, state: state_lib.TrainState, workdir: Any):
+    """The checkpoint of `step`, or a clear error when its adapter tree is not this run's (a workdir
+    written before the decoder's layers were stacked holds `layers_<i>` keys)."""
+    try:
+        return checkpointer.restore(step, _checkpoint_tree(state))
+    except (ValueError, KeyError, TypeError) as e:
+        saved = ckpt_lib.read_state(workdir, step)["adapter"]
+        if jax.tree.structure(saved) == jax.tree.structure(jax.device_get(state.adapter)):
+            raise
+        old = sorted(k for k in saved if k.startswith("layers_"))
+        hint = (f" It holds per-layer keys ({old[0]} ...): it was written before the decoder's layers were "
+                "stacked; convert its adapter with jaxrl_peft.peft.registry.stack_layers or start a new --workdir."
+                if old and "layers" in state.adapter else " Use the same config and code, or a new --workdir.")
+        raise ConfigError(f"{workdir}: the checkpoint of step {step} holds a different adapter tree than this "
+                          f"run builds.{hint}") from e
 
 
 def _checkpoint_tree(state: state_lib.TrainState) -> dict[str, Any]:

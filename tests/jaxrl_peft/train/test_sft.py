@@ -11,6 +11,7 @@ import pytest
 from configs import sft as sft_configs
 from jaxrl_peft.infra import checkpoint, mesh as mesh_lib
 from jaxrl_peft.models import hf, tiny, transformer as tfm
+from jaxrl_peft.peft import registry
 from jaxrl_peft.train import loop, sft
 
 CFG = tfm.preset("tiny", vocab_size=32)
@@ -154,3 +155,17 @@ def test_bad_data_line_names_file_and_line(checkpoint_dir, tmp_path):
     with pytest.raises(loop.ConfigError, match=r"train\.jsonl:2: expected a JSON object"):
         sft.SFTTask(c).setup(ONE)
     assert hf.Tokenizer(checkpoint_dir).vocab_size == 300
+
+
+def test_a_workdir_from_before_stacked_layers_is_refused_clearly(checkpoint_dir, tmp_path):
+    c = _config(checkpoint_dir, "lora", steps=4)
+    run = loop.build(sft.SFTTask(c, EXAMPLES), c, ONE)
+    old = registry.unstack_layers(jax.device_get(run.state.adapter))  # the adapter tree as it was saved before
+    assert "layers_0" in old and "layers" in run.state.adapter
+    checkpoint.save_config(tmp_path, c)
+    saver = checkpoint.Checkpointer(tmp_path)
+    saver.save(2, {"adapter": old, "opt": {}, "method": {}}, {"epoch": 0, "row": 0},
+               {"eval_before": 0.0, "updates": 2})
+    saver.close()
+    with pytest.raises(loop.ConfigError, match="written before the decoder's layers were stacked"):
+        loop.train(sft.SFTTask(c, EXAMPLES), c, tmp_path, mesh=ONE)
