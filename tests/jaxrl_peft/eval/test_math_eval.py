@@ -14,7 +14,8 @@ import pytest
 from configs import eval_math
 from jaxrl_peft.data import prompts, synthetic
 from jaxrl_peft.eval import math_eval, metrics
-from jaxrl_peft.models import tiny
+from jaxrl_peft.models import hf_peft, tiny
+from jaxrl_peft.peft import registry
 from jaxrl_peft.rl import rollout
 
 REPO = Path(__file__).resolve().parents[3]
@@ -132,9 +133,6 @@ def test_metrics_match_per_problem_results_and_do_not_depend_on_batching(base_ru
 
 
 def test_adapter_is_loaded_and_applied(workdir, base_run):
-    from jaxrl_peft.models import hf_peft
-from jaxrl_peft.peft import registry
-
     _, variables, tok, benchmarks, base, _ = base_run
     method = registry.get("lora", r=2, alpha=4.0, target_modules=("q_proj", "v_proj", "down_proj"))
     params, adapter = registry.init_adapter(method, jax.random.key(1), variables["params"])
