@@ -42,6 +42,7 @@ import ml_collections
 from configs import sft as sft_configs
 from jaxrl_peft.data import prompts, synthetic
 from jaxrl_peft.eval import math_eval
+from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import hf, tiny
 from jaxrl_peft.models import transformer as tfm
 from jaxrl_peft.peft import registry
@@ -180,7 +181,8 @@ def main(argv=None) -> None:
         t_train = time.perf_counter()
         held_pairs = render(heldout, [p.r1_solution() for p in heldout], tok)  # worked solutions only
         held = [(tok.encode(p), tok.encode(c) + [tok.eos_id]) for p, c in held_pairs]
-        run = loop.train(sft.SFTTask(c, examples, heldout=held), c, work / "run")
+        one_device = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])  # a 0.6M model: no sharding
+        run = loop.train(sft.SFTTask(c, examples, heldout=held), c, work / "run", mesh=one_device)
         t_train = time.perf_counter() - t_train
         hf.save(work, model, registry.merge(run.method, run.frozen["base"], run.state.adapter))
         print(f"trained in {t_train:.0f}s")

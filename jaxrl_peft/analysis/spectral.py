@@ -214,6 +214,8 @@ def kernel_pairs(original: dict, trained: dict | Callable[[tuple[str, ...]], Any
     `trained` is a parameter tree of the same model (e.g. a merged export) or a function from a module
     path to its trained kernel [in, out]; only one pair is produced at a time.
     """
+    if not callable(trained):
+        trained = registry.unstack_layers(trained)  # looked up by per-layer paths 'layers_<i>/...'
     for path, kind, module in registry.modules(original):
         if kind != "linear" or (include is not None and not include(path)):
             continue

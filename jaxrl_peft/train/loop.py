@@ -160,7 +160,9 @@ def stack_micro_batches(rows: dict[str, np.ndarray], micro_batch_size: int, mesh
     for name, x in rows.items():
         padded = np.zeros((count * micro,) + x.shape[1:], x.dtype)
         padded[:n] = x
-        local = padded.reshape((count, micro) + x.shape[1:])
+        # Local row r goes to micro-batch r % count: every micro-batch then holds the same global rows,
+        # in the same order on the same devices, whatever the number of hosts (so the sums do too).
+        local = padded.reshape((micro, count) + x.shape[1:]).swapaxes(0, 1)
         out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim), local)
     return out
 

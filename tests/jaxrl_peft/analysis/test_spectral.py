@@ -269,8 +269,8 @@ def test_residual_methods_are_measured_against_the_original_weights(tmp_path, na
     after = spectral.analyze_run(method, residual_params, trained, k=4)
     for r in after:
         path = tuple(r["name"].split("/"))
-        module_adapter, module_trained = adapter, trained
-        kernel = params
+        module_adapter, module_trained = registry.unstack_layers(adapter), registry.unstack_layers(trained)
+        kernel = registry.unstack_layers(params)
         for p in path:
             module_adapter, module_trained, kernel = module_adapter[p], module_trained[p], kernel[p]
         delta = method.scaling * np.asarray(module_adapter["lora_a0"], np.float64) @ (
