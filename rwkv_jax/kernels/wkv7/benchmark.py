@@ -1,11 +1,11 @@
 """WKV7 timing: forward and forward+backward (jit, warm-up, block_until_ready, median ms).
 
     python -c 'from rwkv_jax.kernels.wkv7 import benchmark; benchmark.run(8, 4096, 32, 64)'
+    python -c 'from rwkv_jax.kernels.wkv7 import benchmark; benchmark.sweep()'   # GPU launch settings
 """
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
 
@@ -41,10 +41,11 @@ def _median_ms(fn, args, iters: int) -> float:
     return statistics.median(times)
 
 
-def time_impl(args, impl: str, iters: int, chunk_size: int | None = None) -> dict:
-    """Median forward and forward+backward ms of one implementation."""
+def time_impl(args, impl: str, iters: int, chunk_size: int | None = None,
+              interpret: bool = False) -> dict:
+    """Median forward and forward+backward ms of one implementation (`interpret`: CPU checks)."""
     def f(*x):
-        return wkv7(*x, impl=impl, chunk_size=chunk_size)
+        return wkv7(*x, impl=impl, chunk_size=chunk_size, interpret=interpret)
 
     fwd = jax.jit(f)
     y, s = jax.eval_shape(f, *args)
@@ -78,25 +79,51 @@ def run(B: int, T: int, H: int, K: int, dtype: str = 'bfloat16', impl: str | Non
     return out
 
 
+# Launch settings `sweep` times by default: both backward designs, each at a few chunk sizes,
+# V blocks and warp counts (keys: chunk_size and any pallas_gpu.CONFIG key). The first is the
+# split design's old default, the figure the 15.697 ms of issue 16 was measured with.
+SWEEP = (
+    {'backward': 'split', 'chunk_size': 16, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_grad': 8},
+    {'backward': 'split', 'chunk_size': 16, 'block_v': 64, 'num_warps_seq': 4, 'num_warps_grad': 8},
+    {'backward': 'split', 'chunk_size': 16, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_grad': 4},
+    {'backward': 'split', 'chunk_size': 32, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_grad': 8},
+    {'backward': 'fused', 'chunk_size': 16, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_fused': 4},
+    {'backward': 'fused', 'chunk_size': 16, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_fused': 8},
+    {'backward': 'fused', 'chunk_size': 32, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_fused': 4},
+    {'backward': 'fused', 'chunk_size': 32, 'block_v': 32, 'num_warps_seq': 4, 'num_warps_fused': 8},
+)
+
+
 def sweep(B: int = 8, T: int = 4096, H: int = 32, K: int = 64, dtype: str = 'bfloat16',
-          iters: int = 10, chunk_sizes=(16, 32), block_vs=(32, 64), warps_seq=(4, 8),
-          warps_grad=(8,)) -> list[dict]:
-    """Times pallas_gpu over launch settings (`pallas_gpu.CONFIG`), one line each; best first."""
+          iters: int = 10, settings=SWEEP, impl: str = 'pallas_gpu', interpret: bool = False,
+          on_result=None) -> list[dict]:
+    """Times `impl` over launch settings (`pallas_gpu.CONFIG` + chunk_size), one line each; best
+    first. `on_result(row)` sees every row as it is measured (so a caller killed midway keeps them)."""
     args = make_inputs(B, T, H, K, dtype)
     saved = dict(pallas_gpu.CONFIG)
     rows = []
     try:
-        for L, bv, ws, wg in itertools.product(chunk_sizes, block_vs, warps_seq, warps_grad):
-            pallas_gpu.CONFIG.update(block_v=bv, num_warps_seq=ws, num_warps_grad=wg)
-            cfg = {'chunk_size': L, 'block_v': bv, 'num_warps_seq': ws, 'num_warps_grad': wg}
+        for setting in settings:
+            unknown = set(setting) - set(pallas_gpu.CONFIG) - {'chunk_size'}
+            if unknown:
+                raise ValueError(f'sweep: unknown settings {sorted(unknown)}; expected chunk_size '
+                                 f'or keys of pallas_gpu.CONFIG {sorted(pallas_gpu.CONFIG)}')
+            pallas_gpu.CONFIG.clear()
+            pallas_gpu.CONFIG.update(saved)
+            pallas_gpu.CONFIG.update({k: v for k, v in setting.items() if k != 'chunk_size'})
             try:
-                res = time_impl(args, 'pallas_gpu', iters, L)
+                res = time_impl(args, impl, iters, setting.get('chunk_size'), interpret)
             except Exception as e:  # noqa: BLE001 - a failing setting is reported, not fatal
-                print(f'sweep {cfg}: failed: {type(e).__name__}: {str(e)[:200]}')
-                continue
-            rows.append(cfg | res)
-            print(f"sweep {cfg}: fwd {res['fwd_ms']:.3f} ms, fwd+bwd {res['fwd_bwd_ms']:.3f} ms")
+                print(f'sweep {setting}: failed: {type(e).__name__}: {str(e)[:200]}', flush=True)
+                res = {'error': f'{type(e).__name__}: {str(e)[:200]}'}
+            else:
+                print(f"sweep {setting}: fwd {res['fwd_ms']:.3f} ms, fwd+bwd {res['fwd_bwd_ms']:.3f} ms",
+                      flush=True)
+            row = dict(setting) | res
+            rows.append(row)
+            if on_result:
+                on_result(row)
     finally:
         pallas_gpu.CONFIG.clear()
         pallas_gpu.CONFIG.update(saved)
-    return sorted(rows, key=lambda x: x['fwd_bwd_ms'])
+    return sorted((r for r in rows if 'error' not in r), key=lambda x: x['fwd_bwd_ms'])

@@ -21,6 +21,7 @@ checks these exact kernels; it is deprecated but present in jax 0.11.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -30,12 +31,13 @@ from jax.experimental import pallas as pl
 from rwkv_jax.kernels.wkv7 import chunked
 
 F32 = jnp.float32
-# Launch settings, read at trace time (benchmark.sweep varies them): V block of the sequential
-# passes, warps of the sequential passes and of the per-chunk gradient pass, pipeline stages.
-# 'backward' picks the backward design (see above); 'fused' runs with num_warps_grad warps.
-CONFIG = {'block_v': 32, 'num_warps_seq': 4, 'num_warps_grad': 8, 'num_stages': None,
-          'backward': 'split'}
 BACKWARDS = ('split', 'fused')
+BACKWARD_ENV_VAR = 'RWKV_JAX_WKV7_BACKWARD'
+# Launch settings, read at trace time (benchmark.sweep varies them): V block of the sequential
+# forward and state-gradient passes, warps of those passes, of the per-chunk gradient pass and of
+# the fused pass, pipeline stages, and the backward design (default 'fused', or the env var).
+CONFIG = {'block_v': 32, 'num_warps_seq': 4, 'num_warps_grad': 8, 'num_warps_fused': 4,
+          'num_stages': None, 'backward': os.environ.get(BACKWARD_ENV_VAR, 'fused')}
 
 
 def _compiler_params(num_warps: int, interpret: bool):
@@ -146,8 +148,8 @@ def forward(r, w, k, v, a, b, s0, *, chunk_size: int, interpret: bool = False):
 def backward(r, w, k, v, a, b, states, dy, ds_t, *, chunk_size: int, interpret: bool = False):
     """Gradients (dr, dw, dk, dv, da, db in the input dtypes, ds0 [B, H, V, K] fp32)."""
     if CONFIG['backward'] not in BACKWARDS:
-        raise ValueError(f"pallas_gpu.CONFIG['backward']={CONFIG['backward']!r}: "
-                         f'expected one of {BACKWARDS}')
+        raise ValueError(f"pallas_gpu.CONFIG['backward']={CONFIG['backward']!r} (env var "
+                         f'{BACKWARD_ENV_VAR}): expected one of {BACKWARDS}')
     B, T, H, K = r.shape
     V = v.shape[-1]
     L = chunk_size
@@ -165,7 +167,7 @@ def backward(r, w, k, v, a, b, states, dy, ds_t, *, chunk_size: int, interpret: 
             out_specs=[full_k, full_k, full_k, full_v, full_k, full_k, state],
             out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (r, w, k, v, a, b)]
             + [jax.ShapeDtypeStruct((B, H, V, K), F32)],
-            compiler_params=_compiler_params(CONFIG['num_warps_grad'], interpret),
+            compiler_params=_compiler_params(CONFIG['num_warps_fused'], interpret),
             interpret=interpret,
             name='wkv7_bwd_fused',
         )(r, w, k, v, a, b, dy, states, ds_t)
