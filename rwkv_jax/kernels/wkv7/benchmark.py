@@ -31,40 +31,50 @@ def make_inputs(B: int, T: int, H: int, K: int, dtype='bfloat16', seed: int = 0)
     return xs + (s0,)
 
 
-def _median_ms(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))
+def _compile_and_time(fn, args, iters: int) -> tuple[float, float]:
+    """(compile seconds, median ms of `iters` runs after one warm-up run) of a jitted fn."""
+    t0 = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(compiled(*args))
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return compile_s, statistics.median(times)
 
 
 def time_impl(args, impl: str, iters: int, chunk_size: int | None = None,
               interpret: bool = False) -> dict:
-    """Median forward and forward+backward ms of one implementation (`interpret`: CPU checks)."""
+    """Median forward and forward+backward ms of one implementation, compile seconds apart
+    (`interpret`: the Pallas kernels in interpret mode, for CPU checks)."""
     def f(*x):
         return wkv7(*x, impl=impl, chunk_size=chunk_size, interpret=interpret)
 
-    fwd = jax.jit(f)
     y, s = jax.eval_shape(f, *args)
     cts = (jnp.ones(y.shape, y.dtype), jnp.ones(s.shape, s.dtype))
+    fwd_compile_s, fwd_ms = _compile_and_time(jax.jit(f), args, iters)
     fwd_bwd = jax.jit(lambda *x: jax.vjp(f, *x)[1](cts))
-    return {'fwd_ms': _median_ms(fwd, args, iters), 'fwd_bwd_ms': _median_ms(fwd_bwd, args, iters)}
+    fwd_bwd_compile_s, fwd_bwd_ms = _compile_and_time(fwd_bwd, args, iters)
+    return {'fwd_ms': fwd_ms, 'fwd_bwd_ms': fwd_bwd_ms, 'fwd_compile_s': fwd_compile_s,
+            'fwd_bwd_compile_s': fwd_bwd_compile_s}
 
 
 def run(B: int, T: int, H: int, K: int, dtype: str = 'bfloat16', impl: str | None = None,
         iters: int = 20, compare: bool = True, chunk_size: int | None = None) -> dict:
     """Times `impl` (default: the backend's), and with `compare` also 'chunked' and 'reference'.
 
-    Returns {'<impl>_fwd_ms': .., '<impl>_fwd_bwd_ms': .., ..., 'device': ..}; one line per figure.
+    Returns {'<impl>_fwd_ms': .., '<impl>_fwd_bwd_ms': .., '<impl>_fwd_compile_s': .., ...,
+    'device': ..}; prints one line per figure.
     """
     impl = impl or default_impl()
     args = make_inputs(B, T, H, K, dtype)
     impls = [impl] + ([i for i in ('chunked', 'reference') if i != impl] if compare else [])
     device = jax.devices()[0].device_kind
     out = {'device': device}
+    if impl == 'pallas_gpu':
+        out['pallas_gpu_config'] = dict(pallas_gpu.CONFIG)
     for name in impls:
         n = iters if name != 'reference' else min(iters, 3)
         try:
@@ -72,10 +82,11 @@ def run(B: int, T: int, H: int, K: int, dtype: str = 'bfloat16', impl: str | Non
         except Exception as e:  # noqa: BLE001 - report and go on with the other impls
             print(f'wkv7 {name}: failed: {type(e).__name__}: {str(e)[:300]}')
             continue
-        for key, ms in res.items():
-            out[f'{name}_{key}'] = ms
-            print(f'wkv7 {name} {key[:-3]} B={B} T={T} H={H} K={K} {dtype} on {device}: '
-                  f'{ms:.3f} ms')
+        out.update({f'{name}_{key}': x for key, x in res.items()})
+        for key in ('fwd', 'fwd_bwd'):
+            print(f"wkv7 {name} {key} B={B} T={T} H={H} K={K} {dtype} on {device}: "
+                  f"{res[key + '_ms']:.3f} ms (compiled in {res[key + '_compile_s']:.1f} s)",
+                  flush=True)
     return out
 
 
