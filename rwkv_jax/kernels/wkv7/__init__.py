@@ -4,7 +4,8 @@
 [B, T, H, V]), `w` = log decay (≤ 0), `a = -kk`, `b = kk * iclr`, state [B, H, K, V] fp32.
 Implementations: 'reference' (lax.scan), 'chunked' (pure JAX), 'pallas_gpu' (Pallas Triton),
 'pallas_tpu' (Pallas Mosaic TPU). Default by `jax.default_backend()`, overridden by the env var
-RWKV_JAX_WKV7_IMPL or the `impl=` argument.
+RWKV_JAX_WKV7_IMPL or the `impl=` argument. The GPU backward design ('fused' one pass or 'split'
+state-gradient + per-chunk passes) is `pallas_gpu.CONFIG['backward']`, env var RWKV_JAX_WKV7_BACKWARD.
 """
 
 from __future__ import annotations

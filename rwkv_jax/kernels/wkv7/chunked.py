@@ -124,10 +124,14 @@ def chunk_prep(r, w, k, a, b, precision=HIGHEST, matmul_cumsum: bool = False) ->
                 _tri_inv(a_ab, precision))
 
 
+def chunk_u(p: Prep, v, s0, precision=HIGHEST):
+    """Rows u_t = S_{t-1} a_t of one chunk [.., L, V] from its start state s0 [.., V, K]."""
+    return mm(p.minv, mm(p.a_ak, v, precision) + mm_nt(p.as_, s0, precision), precision)
+
+
 def chunk_forward(p: Prep, v, s0, precision=HIGHEST):
     """One chunk from state s0 [.., V, K]: returns (y [.., L, V], s_end [.., V, K], u [.., L, V])."""
-    z = mm(p.a_ak, v, precision) + mm_nt(p.as_, s0, precision)
-    u = mm(p.minv, z, precision)
+    u = chunk_u(p, v, s0, precision)
     y = mm(p.a_qk, v, precision) + mm(p.a_qb, u, precision) + mm_nt(p.qs, s0, precision)
     s_end = s0 * p.f + mm_tn(v, p.ks, precision) + mm_tn(u, p.bs, precision)
     return y, s_end, u
@@ -142,8 +146,12 @@ def chunk_state_grad(p: Prep, dy, ds_end, precision=HIGHEST):
 
 def chunk_backward(p: Prep, r, k, a, b, v, s0, dy, ds_end, precision=HIGHEST,
                    matmul_cumsum: bool = False):
-    """All gradients of one chunk: (dr, dw, dk, dv, da, db, ds0); ds_end is dL/dS at the chunk end."""
-    _, s_end, u = chunk_forward(p, v, s0, precision)
+    """All gradients of one chunk: (dr, dw, dk, dv, da, db, ds0); ds_end is dL/dS at the chunk end.
+
+    Only u is recomputed (two [L, L] matmuls and one [L, K] x [K, V]); the chunk-end state is never
+    formed: its decay-gradient term Σ_v S_L ⊙ dS_L is assembled from products dk and db need anyway.
+    """
+    u = chunk_u(p, v, s0, precision)
     L = r.shape[-2]
     incl = _iota((L, L), 0) >= _iota((L, L), 1)
     strict = _iota((L, L), 0) > _iota((L, L), 1)
@@ -160,14 +168,17 @@ def chunk_backward(p: Prep, r, k, a, b, v, s0, dy, ds_end, precision=HIGHEST,
         + mm(dy, s0, precision) * p.e_qs
     da = (mm(d_ab, p.bh, precision) + mm(d_ak, p.kh, precision)) * p.e_a \
         + mm(dz, s0, precision) * p.e_as
-    dk = (mm_tn(d_qk, p.qh, precision) + mm_tn(d_ak, p.ah, precision)) * p.e_k \
-        + mm(v, ds_end, precision) * p.e_ks
-    db = (mm_tn(d_qb, p.qh, precision) + mm_tn(d_ab, p.ah, precision)) * p.e_k \
-        + mm(u, ds_end, precision) * p.e_ks
+    v_ds = mm(v, ds_end, precision)  # [.., L, K]
+    u_ds = mm(u, ds_end, precision)  # [.., L, K]
+    dk = (mm_tn(d_qk, p.qh, precision) + mm_tn(d_ak, p.ah, precision)) * p.e_k + v_ds * p.e_ks
+    db = (mm_tn(d_qb, p.qh, precision) + mm_tn(d_ab, p.ah, precision)) * p.e_k + u_ds * p.e_ks
+    # S_L = S0 ⊙ f + V^T ks + U^T bs, hence
+    # Σ_v S_L ⊙ dS_L = f ⊙ Σ_v S0 ⊙ dS_L + Σ_t (ks ⊙ V dS_L + bs ⊙ U dS_L).
+    end_term = (p.f * jnp.sum(s0 * ds_end, axis=-2, keepdims=True)
+                + jnp.sum(p.ks * v_ds + p.bs * u_ds, axis=-2, keepdims=True))  # [.., 1, K]
     x = r * dr - k * dk - b * db
     xa = a * da
-    dw = (jnp.sum(x + xa, axis=-2, keepdims=True) - _cumsum0(x + xa, matmul_cumsum) + x
-          + jnp.sum(s_end * ds_end, axis=-2, keepdims=True))
+    dw = jnp.sum(x + xa, axis=-2, keepdims=True) - _cumsum0(x + xa, matmul_cumsum) + x + end_term
     return dr, dw, dk, dv, da, db, ds0
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from rwkv_jax.kernels import wkv7 as wkv7_pkg
-from rwkv_jax.kernels.wkv7 import chunked, pallas_tpu, reference, wkv7
+from rwkv_jax.kernels.wkv7 import chunked, pallas_gpu, pallas_tpu, reference, wkv7
 
 FP32_TOL = 1e-4  # max |Δ| / max |ref|, fp32 inputs
 BF16_TOL = 1e-2  # same metric, bf16 inputs and outputs (exact fp32 internals on CPU)
@@ -81,6 +81,45 @@ def numpy_official(r, w, k, v, a, b, s0):
     return y, s_out
 
 
+def numpy_official_grads(r, w, k, v, a, b, s0, dy, ds_t):
+    """Float64 backpropagation through the per-step official recurrence, written out by hand (no
+    autodiff): gradients of Σ y ⊙ dy + Σ S_T ⊙ dS_T w.r.t. (r, w, k, v, a, b, s0), public layouts."""
+    r, w, k, v, a, b, s0, dy, ds_t = (np.asarray(x, np.float64)
+                                      for x in (r, w, k, v, a, b, s0, dy, ds_t))
+    dr, dw, dk, dv, da, db = (np.zeros_like(x) for x in (r, w, k, v, a, b))
+    ds0 = np.zeros_like(s0)
+    B, T, H, _ = r.shape
+    for bi in range(B):
+        for h in range(H):
+            states = [s0[bi, h].T]  # S_0 .. S_T, each [V, K]
+            for t in range(T):
+                s = states[-1]
+                states.append(s * np.exp(w[bi, t, h])[None, :] + np.outer(s @ a[bi, t, h], b[bi, t, h])
+                              + np.outer(v[bi, t, h], k[bi, t, h]))
+            ds = ds_t[bi, h].T  # dL/dS_t, [V, K]
+            for t in reversed(range(T)):
+                s_prev, decay = states[t], np.exp(w[bi, t, h])
+                ds = ds + np.outer(dy[bi, t, h], r[bi, t, h])
+                dr[bi, t, h] = states[t + 1].T @ dy[bi, t, h]
+                dv[bi, t, h] = ds @ k[bi, t, h]
+                dk[bi, t, h] = ds.T @ v[bi, t, h]
+                db[bi, t, h] = ds.T @ (s_prev @ a[bi, t, h])
+                dsa = ds @ b[bi, t, h]  # gradient of S_{t-1} a_t, [V]
+                da[bi, t, h] = s_prev.T @ dsa
+                dw[bi, t, h] = decay * np.sum(s_prev * ds, axis=0)
+                ds = ds * decay[None, :] + np.outer(dsa, a[bi, t, h])
+            ds0[bi, h] = ds.T
+    return dr, dw, dk, dv, da, db, ds0
+
+
+def fresh_grads(args, dy, ds, **kw):
+    """Gradients of Σ y ⊙ dy + Σ S_T ⊙ ds under a new jit (so pallas_gpu.CONFIG is read afresh)."""
+    def f(*x):
+        return jax.vjp(lambda *z: wkv7(*z, **kw), *x)[1]((dy.astype(x[0].dtype), ds))
+
+    return jax.jit(f)(*args)
+
+
 @pytest.fixture(scope='module')
 def fp32_case():
     args = make_inputs(2, 45, 2, 16, 32)  # T = 45: not a multiple of the chunk
@@ -102,6 +141,48 @@ def test_fp32_parity(fp32_case, impl, chunk_size):
     args, want = fp32_case
     got = run_with_grads(args, impl=impl, chunk_size=chunk_size, interpret=True)
     assert_all_close(got, want, FP32_TOL)
+
+
+@pytest.mark.parametrize('impl,backward', [
+    ('reference', None), ('chunked', None), ('pallas_gpu', 'split'), ('pallas_gpu', 'fused')])
+def test_grads_match_float64_oracle(monkeypatch, impl, backward):
+    """Every backward (autodiff of the scan; closed-form chunked; both Pallas GPU designs in
+    interpret mode) against hand-written float64 backpropagation; T = 21 pads the last chunk."""
+    args = make_inputs(1, 21, 2, 8, 16, seed=12)
+    rng = np.random.default_rng(13)
+    dy = rng.standard_normal(args[3].shape).astype(np.float32)
+    ds = rng.standard_normal(args[6].shape).astype(np.float32)
+    if backward:
+        monkeypatch.setitem(pallas_gpu.CONFIG, 'backward', backward)
+    kw = {'impl': impl} if impl == 'reference' else {'impl': impl, 'chunk_size': 8,
+                                                      'interpret': True}
+    got = fresh_grads(args, jnp.asarray(dy), jnp.asarray(ds), **kw)
+    want = numpy_official_grads(*args, dy, ds)
+    for name, g, g_ref in zip(('dr', 'dw', 'dk', 'dv', 'da', 'db', 'ds0'), got, want):
+        assert_close(g, g_ref, FP32_TOL, name)
+
+
+def test_pallas_gpu_fused_backward_matches_split(monkeypatch):
+    """The fused backward against the split one on the same saved states, bf16 inputs (fp32 ones:
+    both against the float64 oracle above)."""
+    r, w, k, v, a, b, s0 = make_inputs(1, 32, 2, 8, 16, dtype=jnp.bfloat16, seed=14)
+    s0 = jnp.swapaxes(s0, -1, -2)  # [B, H, V, K]
+    fwd = functools.partial(pallas_gpu.forward, chunk_size=16, interpret=True)
+    _, _, states = jax.jit(fwd)(r, w, k, v, a, b, s0)
+    dy = jax.random.normal(jax.random.PRNGKey(1), v.shape, v.dtype)
+    ds = jax.random.normal(jax.random.PRNGKey(2), s0.shape)
+    out = {}
+    for design in pallas_gpu.BACKWARDS:
+        monkeypatch.setitem(pallas_gpu.CONFIG, 'backward', design)
+        bwd = functools.partial(pallas_gpu.backward, chunk_size=16, interpret=True)
+        out[design] = jax.jit(bwd)(r, w, k, v, a, b, states, dy, ds)  # traced afresh
+    for name, g, g_ref in zip(('dr', 'dw', 'dk', 'dv', 'da', 'db', 'ds0'), out['fused'],
+                              out['split']):
+        assert g.dtype == g_ref.dtype, name
+        assert_close(g, g_ref, BF16_TOL, name)
+    monkeypatch.setitem(pallas_gpu.CONFIG, 'backward', 'nope')
+    with pytest.raises(ValueError, match='backward'):
+        pallas_gpu.backward(r, w, k, v, a, b, states, dy, ds, chunk_size=16, interpret=True)
 
 
 def test_chunked_strong_decay():
@@ -171,21 +252,31 @@ def test_long_sequence_chunked():
                      FP32_TOL)
 
 
+def run_with_grads_fresh(args, **kw):
+    """`run_with_grads` under a new jit: pallas_gpu.CONFIG is read afresh."""
+    return _runner.__wrapped__(tuple(sorted(kw.items())))(*args)
+
+
 @pytest.mark.gpu
 @on_gpu
-@pytest.mark.parametrize('impl', ['pallas_gpu', 'chunked'])
+@pytest.mark.parametrize('impl,backward', [
+    ('pallas_gpu', 'split'), ('pallas_gpu', 'fused'), ('chunked', None)])
 @pytest.mark.parametrize('T', [4096, 200])
-def test_gpu_fp32(impl, T):
+def test_gpu_fp32(monkeypatch, impl, backward, T):
+    if backward:
+        monkeypatch.setitem(pallas_gpu.CONFIG, 'backward', backward)
     args = make_inputs(2, T, 4, 64, 64, seed=10)
-    assert_all_close(run_with_grads(args, impl=impl), run_with_grads(args, impl='reference'),
-                     FP32_TOL)
+    assert_all_close(run_with_grads_fresh(args, impl=impl),
+                     run_with_grads(args, impl='reference'), FP32_TOL)
 
 
 @pytest.mark.gpu
 @on_gpu
+@pytest.mark.parametrize('backward', ['split', 'fused'])
 @pytest.mark.parametrize('chunk_size', [16, 32])
-def test_gpu_bf16(chunk_size):
+def test_gpu_bf16(monkeypatch, backward, chunk_size):
+    monkeypatch.setitem(pallas_gpu.CONFIG, 'backward', backward)
     args = make_inputs(2, 1000, 4, 64, 64, dtype=jnp.bfloat16, seed=11)
-    got = run_with_grads(args, impl='pallas_gpu', chunk_size=chunk_size)
+    got = run_with_grads_fresh(args, impl='pallas_gpu', chunk_size=chunk_size)
     assert_all_close(got, run_with_grads(args, impl='reference'), GPU_BF16_TOL,
                      GPU_BF16_GRAD_TOL)
