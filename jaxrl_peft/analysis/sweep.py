@@ -264,15 +264,14 @@ def plot(methods: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     written = []
     fig, ax = plt.subplots(figsize=(7, 5))
     points = [m for m in methods if m["trainable_share"] and m["heldout_after"] is not None]
-    for m in points:
+    markers = "osD^vP*Xh<>p8d"
+    for i, m in enumerate(points):
         ax.errorbar(m["trainable_share"] * 100, m["heldout_after"], yerr=m["heldout_after_spread"] or 0,
-                    fmt="o", capsize=3)
-        ax.annotate(m["method"], (m["trainable_share"] * 100, m["heldout_after"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=8)
+                    fmt=markers[i % len(markers)], capsize=3, label=m["method"])
     before = [m["heldout_before"] for m in points if m["heldout_before"] is not None]
     if before:
         ax.axhline(float(np.mean(before)), ls="--", color="gray", label="before training")
-        ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model)")
     ax.set_ylabel("held-out accuracy after training")
@@ -286,6 +285,7 @@ def plot(methods: Sequence[dict[str, Any]], out: Path) -> list[Path]:
     for m in methods:
         if m["reward_by_step"]:
             ax.plot(range(1, len(m["reward_by_step"]) + 1), m["reward_by_step"], label=m["method"])
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("step")
     ax.set_ylabel("train reward")
     ax.set_title("Train reward by step")
