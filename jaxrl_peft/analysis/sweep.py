@@ -79,6 +79,8 @@ def check_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]) -> N
         match = re.fullmatch(r"--config\.([\w.]+)=(.*)", flag)
         if match is None:
             raise ValueError(f"{flag!r}: expected --config.<field>=<value>")
+        if match.group(1) == "seed":
+            raise ValueError(f"{flag}: a sweep sets the seed of each run; use --seeds=42,43")
         node: Any = c
         for name in match.group(1).split("."):
             if not isinstance(node, ml_collections.ConfigDict) or name not in node:

@@ -64,6 +64,8 @@ def test_plan_defaults_to_all_fourteen_methods_and_checks_flags(tmp_path):
         sweep.plan(CONFIG, ["lora", "lorax"], [42], tmp_path)
     with pytest.raises(ValueError, match="no field 'rl.nope'"):
         sweep.plan(CONFIG, ["lora"], [42], tmp_path, ["--config.rl.nope=3"])
+    with pytest.raises(ValueError, match="use --seeds"):
+        sweep.plan(CONFIG, ["lora"], [42], tmp_path, ["--config.seed=3"])
     with pytest.raises(ValueError, match="is not a file"):
         sweep.plan("configs/missing.py:tiny", ["lora"], [42], tmp_path)
     assert sweep.plan(CONFIG, ["lora"], [42], tmp_path, ["--config.steps=4"])[0].method == "lora"
