@@ -16,18 +16,15 @@ from the run's own adapter initialisation (same seed and key); --out defaults to
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 from absl import app, flags
 
-from jaxrl_peft import peft
 from jaxrl_peft.analysis import report, spectral
-from jaxrl_peft.infra import checkpoint as ckpt_lib
 from jaxrl_peft.models import hf
-from jaxrl_peft.peft import hf_peft, registry
+from jaxrl_peft.peft import hf_peft
 from jaxrl_peft.peft.base import ALL_LINEAR, PeftMethod
-from jaxrl_peft.train import loop, rerun
+from jaxrl_peft.train import rerun
 
 _RUN = flags.DEFINE_string("run", None, "a training workdir (config.json + ckpt/): analyse its adapter")
 _STEP = flags.DEFINE_integer("step", None, "with --run: the checkpoint step (default: the latest)")
@@ -44,35 +41,6 @@ _MODULES = flags.DEFINE_list("modules", [], "module-name patterns to analyse (de
                              "with --merged the seven decoder projections)")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "dtype the checkpoints are loaded in")
 _PLOTS = flags.DEFINE_bool("plots", True, "write the PNG plots (needs matplotlib)")
-
-
-def checkpoint_steps(workdir: Path) -> list[int]:
-    """The steps with a saved checkpoint under WORKDIR/ckpt, ascending."""
-    ckpt = workdir / "ckpt"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
-
-
-def load_run(workdir: Path, step: int | None, dtype: str) -> tuple[PeftMethod, dict, dict, dict[str, Any]]:
-    """(method, params the adapter trains against, trained adapter, meta) of a training workdir.
-
-    The base checkpoint and the method come from config.json; a residual method's (PiSSA, MiLoRA) base is
-    rebuilt by `peft.init_adapter` with the run's own key, so merging its saved adapter is exact."""
-    c = rerun.load_config(workdir)
-    steps = checkpoint_steps(workdir)
-    if not steps:
-        raise FileNotFoundError(f"{workdir / 'ckpt'}: the run saved no checkpoint")
-    step = steps[-1] if step is None else step
-    if step not in steps:
-        raise ValueError(f"--step={step}: {workdir / 'ckpt'} holds steps {steps}")
-    _, params = hf.load(c.model.checkpoint, dtype=dtype)
-    method = registry.from_config(c.peft).prepare(params)
-    if method.residual:
-        key = jax.random.fold_in(jax.random.key(c.seed), loop.ADAPTER)  # the key loop.build used
-        params, _ = peft.init_adapter(method, key, params)
-    adapter = ckpt_lib.read_state(workdir, step)["adapter"]
-    meta = {"run": str(workdir), "step": step, "checkpoint": c.model.checkpoint, "peft_method": method.name,
-            "peft": c.peft.to_dict()}
-    return method, params, adapter, meta
 
 
 def main(argv) -> None:
@@ -101,7 +69,7 @@ def main(argv) -> None:
     out = _OUT.value
     try:
         if _RUN.value:
-            method, params, adapter, source = load_run(Path(_RUN.value), _STEP.value, _DTYPE.value)
+            method, params, adapter, source = rerun.load_run_adapter(Path(_RUN.value), _STEP.value, _DTYPE.value)
             out = out or str(Path(_RUN.value) / f"spectral-{source['step']}")
             records = spectral.analyze_run(method, params, adapter, include=include, on_record=progress, **options)
         elif _ADAPTER.value:

@@ -29,12 +29,6 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "train nothing; write the
 TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
 
 
-def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(argv without them, the --config.<field>=<value> overrides) that are passed on to every run."""
-    overrides = [a for a in argv if a.startswith("--config.")]
-    return [a for a in argv if not a.startswith("--config.")], overrides
-
-
 def main(argv, overrides: list[str]) -> None:
     del argv
     try:
@@ -62,5 +56,5 @@ def main(argv, overrides: list[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "out"])
-    rest, config_overrides = split_overrides(sys.argv)
+    rest, config_overrides = sweep.split_overrides(sys.argv)
     app.run(lambda argv: main(argv, config_overrides), argv=rest)

@@ -73,6 +73,13 @@ def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:
     return module.get_config(arg)
 
 
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(argv without them, the --config.<field>=<value> flags) of a command line: the overrides are
+    not the sweep's flags but are passed on to every run."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    return [a for a in argv if not a.startswith("--config.")], overrides
+
+
 def check_overrides(c: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
     """Every '--config.a.b=value' names a field of the config `c` (before any run starts)."""
     for flag in overrides:

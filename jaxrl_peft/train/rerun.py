@@ -1,5 +1,6 @@
 """Reproducible reruns: re-execute a run from its record (`config.json`, `run.json`) in a fresh workdir
-and compare its metrics step by step with the recorded ones.
+and compare its metrics step by step with the recorded ones. Also the readers of a run directory
+(config, metrics, the trained adapter of a checkpoint) that reruns and launch/analyze.py --run share.
 
 Every metric of `metrics.jsonl` is compared exactly except wall-clock times and throughputs
 (`time_*`, `tokens_per_s`). Differences of code, package versions or devices from `run.json` are
@@ -15,8 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 
+from jaxrl_peft import peft
+from jaxrl_peft.infra import checkpoint as ckpt_lib
+from jaxrl_peft.models import hf
+from jaxrl_peft.peft import registry
+from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop, sft
 
@@ -62,6 +69,38 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     return a == b
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps with a saved checkpoint under WORKDIR/ckpt, ascending."""
+    ckpt = Path(workdir) / "ckpt"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def load_run_adapter(workdir: str | os.PathLike, step: int | None = None, dtype: str = "float32"
+                     ) -> tuple[PeftMethod, dict, dict, dict[str, Any]]:
+    """(method, params the adapter trains against, trained adapter of `step` (default: the latest
+    checkpoint), meta) of a training workdir, for the spectral analysis of a run.
+
+    The base checkpoint and the method come from config.json; a residual method's (PiSSA, MiLoRA) base is
+    rebuilt by `peft.init_adapter` with the run's own key, so merging its saved adapter is exact."""
+    workdir = Path(workdir)
+    c = load_config(workdir)
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir / 'ckpt'}: the run saved no checkpoint")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise ValueError(f"--step={step}: {workdir / 'ckpt'} holds steps {steps}")
+    _, params = hf.load(c.model.checkpoint, dtype=dtype)
+    method = registry.from_config(c.peft).prepare(params)
+    if method.residual:
+        key = jax.random.fold_in(jax.random.key(c.seed), loop.ADAPTER)  # the key loop.build used
+        params, _ = peft.init_adapter(method, key, params)
+    adapter = ckpt_lib.read_state(workdir, step)["adapter"]
+    meta = {"run": str(workdir), "step": step, "checkpoint": c.model.checkpoint, "peft_method": method.name,
+            "peft": c.peft.to_dict()}
+    return method, params, adapter, meta
 
 
 @dataclasses.dataclass

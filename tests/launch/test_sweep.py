@@ -109,11 +109,7 @@ def test_a_failed_run_does_not_stop_the_sweep_and_finished_runs_are_skipped(tmp_
 
 
 def test_split_overrides_of_the_launcher():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("launch_sweep", ROOT / "launch" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    rest, overrides = module.split_overrides(["sweep.py", "--config=a.py:tiny", "--config.steps=4", "--out=x"])
+    rest, overrides = sweep.split_overrides(["sweep.py", "--config=a.py:tiny", "--config.steps=4", "--out=x"])
     assert rest == ["sweep.py", "--config=a.py:tiny", "--out=x"] and overrides == ["--config.steps=4"]
 
 
