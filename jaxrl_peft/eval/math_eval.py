@@ -28,7 +28,7 @@ from etils import epath
 from jaxrl_peft.data import loaders, prompts as prompt_lib, synthetic
 from jaxrl_peft.eval import metrics
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import hf, transformer as tfm
+from jaxrl_peft.models import hf, hub, transformer as tfm
 from jaxrl_peft.models import hf_peft
 from jaxrl_peft.rewards import math as reward_lib
 from jaxrl_peft.rl import rollout
@@ -152,7 +152,7 @@ def load_policy(checkpoint: str | os.PathLike, adapter: str | os.PathLike | None
                 ) -> tuple[tfm.Transformer, dict, hf.Tokenizer]:
     """(model, variables, tokenizer) for an HF checkpoint directory (base or merged), optionally with an
     HF PEFT adapter directory on top (variables then hold 'params' and 'adapter')."""
-    path = Path(checkpoint)
+    path = hub.resolve_model(checkpoint).path if hub.is_hub_id(str(checkpoint)) else Path(checkpoint)
     if not path.is_dir():
         raise hf.CheckpointError(f"checkpoint {str(checkpoint)!r} is not a directory; expected an HF checkpoint "
                                  "(config.json, *.safetensors, tokenizer.json)")
@@ -328,7 +328,11 @@ class InputError(ValueError):
 def run(c: Any, checkpoint: str | None = None, adapter: str | None = None, output: str | None = None,
         log: Callable[[str], None] | None = _stderr) -> EvalResults:
     """Loads the policy and benchmarks named by config `c` (configs/eval_math.py), evaluates, writes
-    the JSON results to `output` (when given). `checkpoint` / `adapter` override the config's."""
+    the JSON results to `output` (when given). `checkpoint` / `adapter` override the config's.
+
+    With more than one device or JAX process (jax.distributed.initialize() called before), the model
+    is placed on a mesh over every device (`c.mesh`), each process samples its share of every batch,
+    every process returns the same results and the first one writes `output`."""
     checkpoint = checkpoint or c.checkpoint
     adapter = adapter if adapter is not None else c.get("adapter", "")
     try:
@@ -349,8 +353,9 @@ def run(c: Any, checkpoint: str | None = None, adapter: str | None = None, outpu
                 raise ValueError(f"output {output!r} is a directory; expected a .json file path")
             out.parent.mkdir(parents=True, exist_ok=True)
         mesh = None
-        if c.get("mesh") is not None and len(jax.devices()) > 1:
-            mesh = mesh_lib.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        if jax.device_count() > 1 or jax.process_count() > 1:  # every device of every process
+            m = c.get("mesh") or {"data": -1, "fsdp": 1, "tensor": 1}
+            mesh = mesh_lib.make_mesh(m["data"], m["fsdp"], m["tensor"])
         model, variables, tokenizer = load_policy(checkpoint, adapter or None, jnp.dtype(c.model.param_dtype),
                                                   jnp.dtype(c.model.dtype), mesh)
     except (ValueError, FileNotFoundError) as e:
@@ -359,8 +364,8 @@ def run(c: Any, checkpoint: str | None = None, adapter: str | None = None, outpu
         model, variables, tokenizer, benchmarks, ks, sampling, c.batch_size, template=c.template,
         max_prompt_tokens=c.max_prompt_tokens, prompt_bucket=c.prompt_bucket, seed=c.seed, mesh=mesh,
         reward_workers=c.reward_workers, save_completions=c.save_completions, log=log)
-    if output:
+    if output and jax.process_index() == 0:
         payload = {"checkpoint": str(checkpoint), "adapter": adapter or None, "config": c.to_dict(),
-                   **results.to_json()}
+                   "processes": jax.process_count(), "devices": jax.device_count(), **results.to_json()}
         epath.Path(output).write_text(json.dumps(payload, indent=1, ensure_ascii=False))
     return results
