@@ -16,6 +16,7 @@ from configs.grpo_lora import get_config as lora_config
 from configs.grpo_pissa import get_config as pissa_config
 from jaxrl_peft.analysis import spectral
 from jaxrl_peft.infra import checkpoint as ckpt_lib, mesh as mesh_lib
+from jaxrl_peft.peft import registry
 from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop, rerun
 
@@ -50,8 +51,8 @@ def _torch_name(path: str) -> str:
 @pytest.mark.parametrize("name,get_config", [("lora", lora_config), ("pissa", pissa_config)])
 def test_run_directory_analysis_matches_the_independent_update(name, get_config, base_kernels, tmp_path):
     workdir = _train(get_config, tmp_path / name)
-    adapter = ckpt_lib.read_state(workdir, 2)["adapter"]
-    first = ckpt_lib.read_state(workdir, 1)["adapter"]
+    adapter = registry.unstack_layers(ckpt_lib.read_state(workdir, 2)["adapter"])  # per-layer paths
+    first = registry.unstack_layers(ckpt_lib.read_state(workdir, 1)["adapter"])
     method, params, loaded, meta = rerun.load_run_adapter(workdir)
     assert meta["step"] == 2 and meta["peft_method"] == name
     records = spectral.analyze_run(method, params, loaded, k=4)

@@ -245,7 +245,8 @@ def test_eval_results_go_to_the_store(bucket, empty_cwd):
     results = math_eval.run(c, output="gs://runs/e/eval_results.json", log=None)
     saved = json.loads((bucket / "runs/e/eval_results.json").read_text())
     assert saved["checkpoint"] == c.checkpoint
-    assert {k: v for k, v in saved.items() if k not in ("checkpoint", "adapter", "config")} == \
+    assert saved["processes"] == 1 and saved["devices"] == len(jax.devices())
+    assert {k: v for k, v in saved.items() if k not in ("checkpoint", "adapter", "config", "processes", "devices")} == \
         json.loads(json.dumps(results.to_json()))
 
 
