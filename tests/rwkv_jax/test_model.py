@@ -1,5 +1,6 @@
 """RWKV-7 model: parity with the official rwkv package (x070, cpu fp32) on a tiny random checkpoint,
-recurrent == parallel, generation, checkpoint loading/conversion and their errors."""
+recurrent == parallel, generation through the shared sampler, checkpoint loading/conversion and their
+errors."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rwkv_jax import model as rwkv_model
-from rwkv_jax.model import RWKV7, RWKV7Config, RWKV7State, generate, init_state, load
+from jaxrl_peft.rl import rollout
+from rwkv_jax.model import RWKV7, RWKV7Config, RWKV7State, init_state, load
 
 torch = pytest.importorskip("torch")
 
@@ -166,6 +168,16 @@ def test_recurrent_equals_parallel_and_prefill_continues(apply, tokens):
     assert max_diff(rest_rec, par[:, cut:]) <= TOL
 
 
+def generate(model, params, prompt, max_new_tokens, temperature=0.0, top_p=1.0, key=None):
+    """The shared sampler on unpadded prompts: (new tokens [B, N], state after the last new token)."""
+    sampling = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    sampler = rollout.Sampler(model, sampling, pad_id=0)
+    prompt = np.asarray(prompt)
+    key = jax.random.key(0) if key is None else key
+    out, state = sampler({"params": params}, prompt, np.ones(prompt.shape, bool), key, return_state=True)
+    return out.tokens, state
+
+
 def test_greedy_generation_matches_parallel(loaded, apply, tokens):
     model, params = loaded
     n_prompt = n_new = T // 2
@@ -192,8 +204,8 @@ def test_sampling_generation(loaded, tokens):
     b, _ = generate(model, params, prompt, T // 2, key=jax.random.key(3), **kw)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.shape == (2, T // 2) and int(a.min()) >= 0 and int(a.max()) < V
-    with pytest.raises(ValueError, match="PRNG key"):
-        generate(model, params, tokens[:, :4], 2, temperature=1.0)
+    c, _ = generate(model, params, prompt, T // 2, key=jax.random.key(4), **kw)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
 def test_safetensors_conversion(ckpt, loaded, apply_p, tokens, tmp_path):
@@ -213,7 +225,7 @@ def test_bf16_checkpoint(tmp_path):
     torch.save(sd, tmp_path / "bf16.pth")
     rwkv_model.convert_pth_to_safetensors(str(tmp_path / "bf16.pth"), str(tmp_path / "st"))
     for path in (tmp_path / "bf16.pth", tmp_path / "st"):
-        _, params = load(str(path), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+        _, params = load(str(path), dtype=jnp.float32, compute_dtype=jnp.bfloat16)
         want = sd["blocks.1.att.key.weight"].float().numpy().T
         np.testing.assert_array_equal(np.asarray(params["blocks_1"]["att"]["key"]["kernel"]), want)
     model, params = load(str(tmp_path / "st"), dtype=jnp.bfloat16)
