@@ -51,6 +51,10 @@ class Family(Protocol):
     module: nn.Module
     path: str | None  # the checkpoint it was loaded from (tokenizer files live there)
 
+    @property
+    def config(self) -> Any:
+        """The module's architecture config."""
+
     def with_peft(self, method: PeftMethod | None, remat: bool | None = None) -> "Family":
         """The same family and weights layout, its module built with `method` (and remat)."""
 
@@ -143,6 +147,10 @@ class DecoderFamily:
 
     @property
     def cfg(self) -> tfm.TransformerConfig:
+        return self.module.cfg
+
+    @property
+    def config(self) -> tfm.TransformerConfig:
         return self.module.cfg
 
     def with_peft(self, method: PeftMethod | None, remat: bool | None = None) -> "DecoderFamily":
