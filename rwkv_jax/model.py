@@ -577,6 +577,43 @@ def params_from_official(tensors: dict[str, np.ndarray], config: RWKV7Config,
     return params
 
 
+def params_to_official(params: Params, config: RWKV7Config) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_official`: the official tensors (torch layout, (1, 1, C) vectors)."""
+    shapes = official_shapes(config)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        block = re.fullmatch(r"blocks_(\d+)", keys[0])
+        mods = ([f"blocks.{block.group(1)}"] if block else [keys[0]]) + keys[1:-1]
+        leaf_name = keys[-1]
+        x = np.asarray(jax.device_get(leaf))
+        if leaf_name == "kernel":
+            name = ".".join(mods)
+            if name + ".weight" in shapes:  # a torch Linear: [out, in]
+                name, x = name + ".weight", x.T
+        elif leaf_name in ("scale", "bias", "embedding"):
+            name = ".".join(mods) + (".bias" if leaf_name == "bias" else ".weight")
+        else:
+            name = ".".join(mods + [leaf_name])
+        if name not in shapes:
+            raise ValueError(f"params_to_official: no official tensor for parameter {'/'.join(keys)} ({name})")
+        out[name] = np.ascontiguousarray(x.reshape(shapes[name]))
+    missing = sorted(set(shapes) - set(out))
+    if missing:
+        raise ValueError(f"params_to_official: the params lack {missing[:8]}")
+    return out
+
+
+def save(path: str, config: RWKV7Config, params: Params) -> None:
+    """Writes `path/model.safetensors` (official names and layout) and `path/config.json`, which
+    `load` and the family registry read back."""
+    os.makedirs(path, exist_ok=True)
+    safetensors_io.save_safetensors(os.path.join(path, SAFETENSORS_FILE), params_to_official(params, config),
+                                    metadata={"format": "rwkv7-x070"})
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump({"architecture": "rwkv7-x070", **config.arch_dict()}, f, indent=2)
+
+
 def load(path: str, dtype: Dtype = jnp.float32, compute_dtype: Dtype | None = None,
          peft: PeftMethod | None = None, remat: bool = False,
          mesh: Mesh | None = None) -> tuple[RWKV7, Params]:
