@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import family as family_lib
@@ -124,8 +124,10 @@ class Sampler:
     def _constrain_state(self, state: Any) -> Any:
         if self.mesh is None:
             return state
-        shardings = mesh_lib.logical_sharding(self.family.state_axes(state), self.mesh)
-        return jax.lax.with_sharding_constraint(state, shardings)
+        treedef = jax.tree.structure(state)
+        axes = treedef.flatten_up_to(self.family.state_axes(state))  # one axis-name tuple per state leaf
+        return jax.lax.with_sharding_constraint(
+            state, treedef.unflatten([mesh_lib.logical_sharding(P(*a), self.mesh) for a in axes]))
 
     def _prefill_fn(self, variables, tokens, mask):
         b, p = tokens.shape
