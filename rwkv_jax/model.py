@@ -1,30 +1,32 @@
 """RWKV-7 "x070" in Flax linen, as the official reference (rwkv pip `RWKV_x070`) computes it.
 
 Two modes with the same numbers: parallel (training, prefill; the WKV7 kernel) and recurrent (one
-token at a time, constant-size state). Also: official `.pth` / safetensors loading and a generate.
-Parameter names follow the official checkpoint (`blocks_3/att/receptance/kernel` is
+token at a time, constant-size state), both able to skip masked (left-padding) steps exactly; official
+`.pth` / safetensors loading; `RWKV7Family`, this family's side of `jaxrl_peft.models.family` (the
+shared sampler decodes with it). Parameter names follow the official checkpoint (`blocks_3/att/receptance/kernel` is
 `blocks.3.att.receptance.weight` transposed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import re
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_peft.models import safetensors_io
-from jaxrl_peft.models.layers import LayerNorm, Linear, adapted_gain
+from jax.sharding import Mesh
+
+from jaxrl_peft.infra import mesh as mesh_lib
+from jaxrl_peft.models import family as family_lib, hf, safetensors_io
+from jaxrl_peft.models.layers import Embed, LayerNorm, Linear, adapted_gain
 from jaxrl_peft.peft.base import PeftMethod
-from jaxrl_peft.rl.rollout import SamplingConfig, sample_tokens
 from rwkv_jax.kernels.wkv7 import wkv7
 
 Dtype = Any
@@ -121,6 +123,26 @@ def _wkv7_parallel(r, w, k, v, a, b, state):
     return wkv7(r, w, k, v, a, b, initial_state=state)
 
 
+def token_shift(x: jax.Array, x_prev: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The previous real token's value at every position: x [B, T, C], x_prev [B, C] -> [B, T, C].
+
+    With a left-padding `mask` [B, T] (False on pads), a position after a pad sees `x_prev`, as if
+    the pads were not there.
+    """
+    prev = jnp.concatenate([x_prev[:, None].astype(x.dtype), x[:, :-1]], axis=1)  # [B, T, C]
+    if mask is None:
+        return prev
+    prev_real = jnp.concatenate([jnp.zeros_like(mask[:, :1]), mask[:, :-1]], axis=1)  # [B, T]
+    return jnp.where(prev_real[..., None], prev, x_prev[:, None].astype(x.dtype))
+
+
+def last_real(x: jax.Array, x_prev: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """The new token-shift state: the last position's value, or `x_prev` when it is masked."""
+    if mask is None:
+        return x[:, -1]
+    return jnp.where(mask[:, -1:], x[:, -1], x_prev.astype(x.dtype))
+
+
 # ------------------------------------------------------------------------------------------------
 # Initialisers (the official train_temp init; only used by model.init, checkpoints overwrite them).
 
@@ -208,8 +230,10 @@ class TimeMix(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, x_prev: jax.Array, wkv: jax.Array, v_first: jax.Array | None,
-                 recurrent: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """x [B, T, C] (ln1 output), x_prev [B, C], wkv [B, H, K, V].
+                 recurrent: bool, mask: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """x [B, T, C] (ln1 output), x_prev [B, C], wkv [B, H, K, V], mask [B, T] (False: a step that
+        leaves the state unchanged, i.e. left padding).
 
         Returns (out [B, T, C], new x_prev, new wkv, v_first).
         """
@@ -222,7 +246,7 @@ class TimeMix(nn.Module):
         lin = lambda n, C_: n / max(C_ - 1, 1) - 0.5  # noqa: E731
         ortho = nn.initializers.orthogonal(0.1)
 
-        xx = jnp.concatenate([x_prev[:, None].astype(x.dtype), x[:, :-1]], axis=1) - x  # [B, T, C]
+        xx = token_shift(x, x_prev, mask) - x  # [B, T, C]
         xr, xw, xk, xv, xa, xg = (x + xx * self._vector(f"x_{n}", _ratio_mix(p * r10)) for n, p in
                                   zip("rwkvag", (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)))
 
@@ -258,7 +282,11 @@ class TimeMix(nn.Module):
         log_w = -DECAY_SCALE * jax.nn.sigmoid(d.astype(jnp.float32))
 
         heads = lambda t: t.astype(x.dtype).reshape(B, T, H, N)  # noqa: E731  [B, T, H, N]
-        wkv_in = (heads(r), heads(log_w), heads(k), heads(v), heads(-kk), heads(kk * a))
+        wkv_k, wkv_b = k, kk * a
+        if mask is not None:  # a masked step: decay 1, nothing written (S stays S exactly)
+            keep = mask[..., None]  # [B, T, 1]
+            log_w, wkv_k, wkv_b = (jnp.where(keep, t, 0) for t in (log_w, wkv_k, wkv_b))
+        wkv_in = (heads(r), heads(log_w), heads(wkv_k), heads(v), heads(-kk), heads(wkv_b))
         if recurrent:
             y, wkv = wkv7_recurrent(*wkv_in, wkv)
         else:
@@ -270,7 +298,7 @@ class TimeMix(nn.Module):
                         keepdims=True) * heads(v).astype(jnp.float32)  # [B, T, H, N]
         y = (y + bonus.reshape(B, T, C)).astype(cfg.dtype)
         out = self._linear("output", C, ("heads", "embed"), nn.initializers.zeros)(y * g)
-        return out, x[:, -1], wkv.astype(jnp.float32), v_first
+        return out, last_real(x, x_prev, mask), wkv.astype(jnp.float32), v_first
 
 
 class ChannelMix(nn.Module):
@@ -281,20 +309,21 @@ class ChannelMix(nn.Module):
     peft: PeftMethod | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, x_prev: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, C] (ln2 output), x_prev [B, C] -> (out [B, T, C], new x_prev)."""
+    def __call__(self, x: jax.Array, x_prev: jax.Array,
+                 mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, C] (ln2 output), x_prev [B, C], mask [B, T] -> (out [B, T, C], new x_prev)."""
         cfg = self.config
         r10 = 1.0 - self.layer_id / cfg.n_layer
         x_k = self.param("x_k", nn.with_logical_partitioning(_ratio_mix(r10 ** 4), (None,)),
                          (cfg.n_embd,), cfg.param_dtype).astype(cfg.dtype)
-        xx = jnp.concatenate([x_prev[:, None].astype(x.dtype), x[:, :-1]], axis=1) - x  # [B, T, C]
+        xx = token_shift(x, x_prev, mask) - x  # [B, T, C]
         h = Linear(cfg.dim_ffn, axes=("embed", "mlp"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                    peft=self.peft, kernel_init=_sym_uniform(0.5 / math.sqrt(cfg.n_embd)),
                    name="key")(x + xx * x_k)
         h = jnp.square(jax.nn.relu(h))
         out = Linear(cfg.n_embd, axes=("mlp", "embed"), dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                      peft=self.peft, kernel_init=nn.initializers.zeros, name="value")(h)
-        return out, x[:, -1]
+        return out, last_real(x, x_prev, mask)
 
 
 class Block(nn.Module):
@@ -305,17 +334,17 @@ class Block(nn.Module):
     peft: PeftMethod | None = None
 
     @nn.compact
-    def __call__(self, x, att_x_prev, wkv, ffn_x_prev, v_first, recurrent: bool):
+    def __call__(self, x, att_x_prev, wkv, ffn_x_prev, v_first, recurrent: bool, mask=None):
         cfg = self.config
         norm = lambda name: LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype,  # noqa: E731
                                       peft=self.peft, name=name)
         if self.layer_id == 0:
             x = norm("ln0")(x)
         h, att_x_prev, wkv, v_first = TimeMix(cfg, self.layer_id, self.peft, name="att")(
-            norm("ln1")(x), att_x_prev, wkv, v_first, recurrent)
+            norm("ln1")(x), att_x_prev, wkv, v_first, recurrent, mask)
         x = x + h
         h, ffn_x_prev = ChannelMix(cfg, self.layer_id, self.peft, name="ffn")(norm("ln2")(x),
-                                                                            ffn_x_prev)
+                                                                            ffn_x_prev, mask)
         return x + h, att_x_prev, wkv, ffn_x_prev, v_first
 
 
@@ -325,7 +354,8 @@ class RWKV7(nn.Module):
     `apply(vars, tokens [B, T], state=None, recurrent=False) -> (logits [B, T, V] fp32, state)`.
     recurrent=False runs the WKV7 kernel over the whole sequence (training, prefill);
     recurrent=True steps token by token (generation, normally with T = 1). Both start from `state`
-    (zeros when None) and return the state after the last token.
+    (zeros when None) and return the state after the last token. `mask` [B, T] marks the real
+    steps: a masked step (left padding, a finished row) leaves the state exactly as it was.
     """
 
     config: RWKV7Config
@@ -333,9 +363,8 @@ class RWKV7(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.emb = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                            embedding_init=nn.with_logical_partitioning(
-                                _sym_uniform(1e-4), ("vocab", "embed")))
+        self.emb = Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         peft=self.peft, embedding_init=_sym_uniform(1e-4))
         block = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
         self.blocks = [block(cfg, i, self.peft) for i in range(cfg.n_layer)]
         self.ln_out = LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, peft=self.peft)
@@ -348,10 +377,18 @@ class RWKV7(nn.Module):
         """Token embeddings [B, T, C] before ln0 (multimodal inputs are concatenated to these)."""
         return self.emb(tokens)
 
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """The head alone: fp32 logits [..., V] from final hidden states [..., C] (after ln_out)."""
+        return self.head(hidden).astype(jnp.float32)
+
     def __call__(self, tokens: jax.Array | None, state: RWKV7State | None = None, *,
-                 embeddings: jax.Array | None = None,
-                 recurrent: bool = False) -> tuple[jax.Array, RWKV7State]:
-        """tokens [B, T] int, or embeddings [B, T, C] in their place."""
+                 embeddings: jax.Array | None = None, recurrent: bool = False,
+                 mask: jax.Array | None = None,
+                 return_hidden: bool = False) -> tuple[jax.Array, RWKV7State]:
+        """tokens [B, T] int, or embeddings [B, T, C] in their place (they enter before ln0).
+
+        return_hidden: the final hidden states [B, T, C] (after ln_out) instead of the logits.
+        """
         cfg = self.config
         x = self.emb(tokens) if embeddings is None else embeddings.astype(cfg.dtype)
         if state is None:
@@ -360,52 +397,13 @@ class RWKV7(nn.Module):
         v_first = None
         for i, block in enumerate(self.blocks):
             x, ax, s, fx, v_first = block(x, state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i],
-                                          v_first, recurrent)
+                                          v_first, recurrent, mask)
             att_x.append(ax)
             wkv.append(s)
             ffn_x.append(fx)
-        logits = self.head(self.ln_out(x)).astype(jnp.float32)
-        return logits, RWKV7State(jnp.stack(att_x), jnp.stack(wkv), jnp.stack(ffn_x))
-
-
-# ------------------------------------------------------------------------------------------------
-# Generation.
-
-
-@functools.partial(jax.jit, static_argnames=("model", "sampling"))
-def _generate(model, variables, prompt, state, key, sampling: SamplingConfig):
-    logits, state = model.apply(variables, prompt, state)  # parallel prefill
-    last = logits[:, -1]
-    batch = prompt.shape[0]
-
-    def body(carry, step_key):
-        state, last = carry
-        token, _ = sample_tokens(last, jax.random.split(step_key, batch), sampling)
-        logits, state = model.apply(variables, token[:, None], state, recurrent=True)
-        return (state, logits[:, 0]), token
-
-    (state, _), tokens = jax.lax.scan(body, (state, last), jax.random.split(key, sampling.max_new_tokens))
-    return jnp.moveaxis(tokens, 0, 1), state
-
-
-def generate(model: RWKV7, params: Params, prompt: jax.Array, max_new_tokens: int, *,
-             temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
-             adapter: Params | None = None,
-             state: RWKV7State | None = None) -> tuple[jax.Array, RWKV7State]:
-    """Prefills `prompt` [B, T] in parallel mode, then decodes `max_new_tokens` in recurrent mode.
-
-    Greedy when temperature == 0 (the default), else samples with `key`. Returns
-    (new tokens [B, max_new_tokens] int32, state after feeding the last new token).
-    """
-    if temperature > 0.0 and key is None:
-        raise ValueError("generate: sampling (temperature > 0) needs a PRNG key")
-    variables = {"params": params} if adapter is None else {"params": params, "adapter": adapter}
-    prompt = jnp.asarray(prompt, jnp.int32)
-    if state is None:
-        state = init_state(model.config, prompt.shape[0])
-    key = jax.random.key(0) if key is None else key
-    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    return _generate(model, variables, prompt, state, key, sampling)
+        hidden = self.ln_out(x)
+        out = hidden if return_hidden else self.logits_from_hidden(hidden)
+        return out, RWKV7State(jnp.stack(att_x), jnp.stack(wkv), jnp.stack(ffn_x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -579,16 +577,71 @@ def params_from_official(tensors: dict[str, np.ndarray], config: RWKV7Config,
     return params
 
 
-def load(path: str, dtype: Dtype = jnp.float32, param_dtype: Dtype | None = None,
-         peft: PeftMethod | None = None, remat: bool = False) -> tuple[RWKV7, Params]:
+def params_to_official(params: Params, config: RWKV7Config) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_official`: the official tensors (torch layout, (1, 1, C) vectors)."""
+    shapes = official_shapes(config)
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [k.key for k in path]
+        block = re.fullmatch(r"blocks_(\d+)", keys[0])
+        mods = ([f"blocks.{block.group(1)}"] if block else [keys[0]]) + keys[1:-1]
+        leaf_name = keys[-1]
+        x = np.asarray(jax.device_get(leaf))
+        if leaf_name == "kernel":
+            name = ".".join(mods)
+            if name + ".weight" in shapes:  # a torch Linear: [out, in]
+                name, x = name + ".weight", x.T
+        elif leaf_name in ("scale", "bias", "embedding"):
+            name = ".".join(mods) + (".bias" if leaf_name == "bias" else ".weight")
+        else:
+            name = ".".join(mods + [leaf_name])
+        if name not in shapes:
+            raise ValueError(f"params_to_official: no official tensor for parameter {'/'.join(keys)} ({name})")
+        out[name] = np.ascontiguousarray(x.reshape(shapes[name]))
+    missing = sorted(set(shapes) - set(out))
+    if missing:
+        raise ValueError(f"params_to_official: the params lack {missing[:8]}")
+    return out
+
+
+def save(path: str, config: RWKV7Config, params: Params) -> None:
+    """Writes `path/model.safetensors` (official names and layout) and `path/config.json`, which
+    `load` and the family registry read back."""
+    os.makedirs(path, exist_ok=True)
+    safetensors_io.save_safetensors(os.path.join(path, SAFETENSORS_FILE), params_to_official(params, config),
+                                    metadata={"format": "rwkv7-x070"})
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump({"architecture": "rwkv7-x070", **config.arch_dict()}, f, indent=2)
+
+
+def load(path: str, dtype: Dtype = jnp.float32, compute_dtype: Dtype | None = None,
+         peft: PeftMethod | None = None, remat: bool = False,
+         mesh: Mesh | None = None) -> tuple[RWKV7, Params]:
     """Loads an official `.pth`, or a safetensors dir/file; returns (model, params).
 
-    `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
+    `dtype` is the parameter dtype (as for `hf.load`); the model computes in `compute_dtype`
+    (default: `dtype`). With a `mesh`, the parameters are placed by their logical axes.
     """
-    param_dtype = dtype if param_dtype is None else param_dtype
+    compute_dtype = dtype if compute_dtype is None else compute_dtype
     config, tensors = read_checkpoint(path)
-    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    return RWKV7(config, peft=peft), params_from_official(tensors, config, param_dtype)
+    config = dataclasses.replace(config, dtype=compute_dtype, param_dtype=dtype, remat=remat)
+    params = params_from_official(tensors, config, dtype)
+    if mesh is not None:
+        params = jax.tree.map(jax.device_put, params,
+                              mesh_lib.param_shardings(abstract_params(config), mesh))
+    return RWKV7(config, peft=peft), params
+
+
+def abstract_params(config: RWKV7Config) -> Any:
+    """The boxed (logically partitioned) parameter shapes, without allocating anything."""
+    return jax.eval_shape(lambda key: RWKV7(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"],
+                          jax.random.key(0))
+
+
+def param_axes(config: RWKV7Config) -> Any:
+    """The logical axis names of every weight (a tuple per leaf, nested like the params)."""
+    specs = nn.get_partition_spec(abstract_params(config))
+    return jax.tree.map(tuple, specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
 
 
 def convert_pth_to_safetensors(src: str, dst: str) -> RWKV7Config:
@@ -600,3 +653,83 @@ def convert_pth_to_safetensors(src: str, dst: str) -> RWKV7Config:
     with open(os.path.join(dst, CONFIG_FILE), "w") as f:
         json.dump({"architecture": "rwkv7-x070", **config.arch_dict()}, f, indent=2)
     return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The family interface (jaxrl_peft.models.family): what the shared sampler and the tasks use.
+
+STATE_AXES = RWKV7State(att_x_prev=("layers", "batch", None), wkv=("layers", "batch", None, None, None),
+                        ffn_x_prev=("layers", "batch", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class RWKV7Family:
+    """RWKV-7 behind `jaxrl_peft.models.family.Family`: parallel prefill, then the O(1) recurrent state.
+
+    Left padding and finished rows are masked steps, which leave the state exactly as it was, so a
+    padded prompt ends in the state of the same prompt alone. Rows cannot be packed: the state does not
+    reset at a segment boundary.
+    """
+
+    module: RWKV7
+    path: str | None = None
+
+    name: ClassVar[str] = "rwkv7"
+    packs_segments: ClassVar[bool] = False
+
+    @property
+    def config(self) -> RWKV7Config:
+        return self.module.config
+
+    def with_peft(self, method: PeftMethod | None, remat: bool | None = None) -> "RWKV7Family":
+        cfg = self.config if remat is None else dataclasses.replace(self.config, remat=remat)
+        return dataclasses.replace(self, module=RWKV7(cfg, peft=method))
+
+    def param_axes(self) -> Any:
+        return param_axes(self.config)
+
+    def tokenizer(self) -> hf.Tokenizer:
+        return family_lib.tokenizer_at(self.path)
+
+    def stop_ids(self, tokenizer: hf.Tokenizer) -> list[int]:
+        return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+
+    def logits(self, variables: dict, tokens: jax.Array) -> jax.Array:
+        return self.module.apply(variables, tokens)[0]
+
+    def token_logprobs(self, variables: dict, tokens: jax.Array, positions: jax.Array | None = None,
+                       segment_ids: jax.Array | None = None, temperature: float = 1.0,
+                       with_entropy: bool = False) -> tuple[jax.Array, jax.Array | None]:
+        """Right-padded rows, one example each (positions and segment ids carry nothing more then)."""
+        del positions, segment_ids
+        hidden = self.module.apply(variables, tokens, return_hidden=True)[0][:, :-1]  # [B, T-1, C]
+        head = lambda h: self.module.apply(variables, h, method=RWKV7.logits_from_hidden)  # noqa: E731
+        return family_lib.chunked_token_logprobs(hidden, tokens[:, 1:], head, temperature=temperature,
+                                                 with_entropy=with_entropy)
+
+    def init_state(self, batch: int, max_len: int) -> RWKV7State:
+        del max_len  # the state does not grow with the sequence
+        return init_state(self.config, batch)
+
+    def state_axes(self, state: Any) -> Any:
+        del state
+        return STATE_AXES
+
+    def prefill(self, variables: dict, state: RWKV7State, tokens: jax.Array | None, mask: jax.Array,
+                embeddings: jax.Array | None = None) -> tuple[jax.Array, RWKV7State]:
+        logits, state = self.module.apply(variables, None if embeddings is not None else tokens, state,
+                                          embeddings=embeddings, mask=mask.astype(jnp.bool_))
+        return logits[:, -1], state
+
+    def decode_step(self, variables: dict, state: RWKV7State, tokens: jax.Array,
+                    active: jax.Array) -> tuple[jax.Array, RWKV7State]:
+        logits, state = self.module.apply(variables, tokens[:, None], state, recurrent=True,
+                                          mask=active[:, None])
+        return logits[:, 0], state
+
+
+def load_family(path: str, dtype: Dtype = jnp.float32, compute_dtype: Dtype | None = None,
+                mesh: Mesh | None = None) -> tuple[RWKV7Family, Params]:
+    """An RWKV-7 checkpoint as (RWKV7Family, params): the family registry's loader."""
+    model, params = load(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
+    return RWKV7Family(model, str(path)), params

@@ -36,7 +36,8 @@ class PeftMethod:
     """
 
     name: ClassVar[str] = "none"
-    # Which leaf kinds the method adapts: 'linear' (modules with a 2-D kernel) and/or 'norm'.
+    # Which leaf kinds the method adapts: 'linear' (modules with a 2-D kernel), 'norm', 'embedding', and
+    # 'leaf' (any other parameter leaf: RWKV-7's mixing vectors, norm biases; full fine-tuning).
     kinds: ClassVar[tuple[str, ...]] = ("linear",)
     # True when init rewrites the base weights (PiSSA, MiLoRA): switching the adapter off then does not
     # give the original model, so the reference policy keeps the initial adapter instead.
@@ -93,6 +94,11 @@ class PeftMethod:
         """The embedding table a model uses given its adapter (full fine-tuning overrides this)."""
         del adapter
         return table
+
+    def init_leaf(self, key: Array, value: Array, *, path: tuple[str, ...] = ()) -> Any:
+        """Adapter of a parameter leaf no other kind covers (methods with 'leaf' in `kinds`)."""
+        del key, value, path
+        return None
 
     def init_norm(self, key: Array, scale: Array, *, path: tuple[str, ...] = ()) -> Adapter:
         """Adapter of a norm layer (methods with 'norm' in `kinds`)."""

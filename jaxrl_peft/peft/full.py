@@ -1,8 +1,10 @@
 """Full fine-tuning as a PEFT method: the adapter is a trainable copy of every weight it targets.
 
-Linear layers train a copy of kernel (and bias), norms a copy of their gain; the base stays in
-`params` and serves as the reference policy. There is no HF PEFT format: the merged export (the
-trained copies swapped in) is the checkpoint. The token embedding trains too (kind 'embedding').
+Linear layers train a copy of kernel (and bias), norms a copy of their gain, the token embedding a
+copy of its table, and every other parameter leaf (norm biases, RWKV-7's token-shift mixes, decay and
+value vectors: kind 'leaf') a copy of itself, so every parameter of either family trains. The base
+stays in `params` and serves as the reference policy. There is no HF PEFT format: the merged export
+(the trained copies swapped in) is the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from jaxrl_peft.peft.registry import register
 @register
 @dataclasses.dataclass(frozen=True)
 class Full(PeftMethod):
-    """Trains copies of all targeted linear, norm and embedding weights (default: all of them),
+    """Trains copies of all targeted linear, norm, embedding and other weights (default: all of them),
     kept in `dtype` (fp32 master weights by default; None keeps the base dtype)."""
 
     name: ClassVar[str] = "full"
-    kinds: ClassVar[tuple[str, ...]] = ("linear", "norm", "embedding")
+    kinds: ClassVar[tuple[str, ...]] = ("linear", "norm", "embedding", "leaf")
     target_modules: tuple[str, ...] = ("*",)
     dtype: str | None = "float32"
 
@@ -46,6 +48,11 @@ class Full(PeftMethod):
         del key, path
         return {"embedding": self._copy(table)}
 
+    def init_leaf(self, key: Array, value: Array, *, path: tuple[str, ...] = ()) -> Array:
+        """A trainable copy of a parameter leaf that is no kernel, gain or table (kind 'leaf')."""
+        del key, path
+        return self._copy(value)
+
     def embedding_table(self, table: Array, adapter: Adapter) -> Array:
         return adapter["embedding"].astype(table.dtype)
 
@@ -64,8 +71,8 @@ class Full(PeftMethod):
         return adapter["kernel"], adapter.get("bias", bias)
 
     def adapter_axes(self, kernel_axes: tuple[str | None, ...], adapter: Adapter) -> Any:
-        if "scale" in adapter:
-            return {"scale": tuple(kernel_axes[-1:]) or ("norm",)}
+        if "scale" in adapter:  # a norm: its gain and (kind 'leaf') its bias
+            return {k: tuple(kernel_axes[-1:]) or ("norm",) for k in adapter}
         axes = {"kernel": tuple(kernel_axes), "embedding": tuple(kernel_axes), "bias": tuple(kernel_axes[1:])}
         return {k: axes[k] for k in adapter}
 

@@ -2,6 +2,8 @@
 
 A module in a parameter tree is a dict; it is a linear layer when it holds a 2-D `kernel`, a norm
 when it holds a 1-D `scale` and a token embedding when it holds a 2-D `embedding`. Paths are tuples of module names, e.g. ('layers_0', 'mlp', 'up_proj').
+Every other parameter leaf (a norm's bias, RWKV-7's token-shift mixes and decay vectors, ...) is of
+kind 'leaf': a method that lists 'leaf' in its kinds (full fine-tuning) gets it via `init_leaf`.
 
 Decoder layers may be stacked: one top-level `layers` subtree whose leaves carry a leading layer axis (the model
 runs them under `nn.scan`). The walks below see such a tree layer by layer, with the unstacked paths
@@ -165,6 +167,19 @@ def modules(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[st
             yield from modules(sub, path + (name,))
 
 
+def leaves(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """Yields (path, leaf) for every parameter leaf, the leaf's name last; stacked layers one layer at
+    a time (path 'layers_<i>/...', leaves without the layer axis)."""
+    for name, sub in params.items():
+        if name == LAYERS and not path and isinstance(sub, dict):
+            for i in range(num_layers(params)):
+                yield from leaves(layer_view(sub, i), path + (f"layers_{i}",))
+        elif isinstance(sub, dict):
+            yield from leaves(sub, path + (name,))
+        else:
+            yield path + (name,), sub
+
+
 def _key_for(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
 
@@ -247,6 +262,15 @@ def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict
             a = method.init_embedding(k, mod["embedding"], path=path)
         if a:
             _set(adapter, path, None, a)
+    if "leaf" in method.kinds:  # the leaves no module kind above covered
+        for path, value in leaves(params):
+            module_path, leaf_name = path[:-1], path[-1]
+            covered = _adapter_at(adapter, module_path) or {}
+            if leaf_name in covered or not method.targets(module_path, "leaf"):
+                continue
+            a = method.init_leaf(_key_for(key, path), value, path=path)
+            if a is not None:
+                _set(adapter, module_path, leaf_name, a)
     if not adapter and method.name != "none":
         raise ValueError(f"PEFT method {method.name!r}: target_modules {method.target_modules} matched no "
                          "module of the model")
@@ -332,12 +356,15 @@ def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
     """Logical axis names for every adapter leaf (same nesting as `adapter`), from the axes of the
     weight each module adapts (`param_axes`: the params tree with a tuple of axis names per leaf).
     Stacked layers keep their leading 'layers' axis. Model-level leaves outside any module (VeRA's
-    shared projections) get no names (replicated)."""
+    shared projections) get no names (replicated). A method whose adapter replaces the base weights
+    (full fine-tuning) holds copies, which get the axes of the leaves they copy."""
     def walk(axes_node: Any, adapter_node: dict, stacked: bool) -> dict:
         leaves = {k: v for k, v in adapter_node.items() if not isinstance(v, dict)}
         node: dict = {}
-        if leaves:
-            own = axes_node if isinstance(axes_node, dict) else {}
+        own = axes_node if isinstance(axes_node, dict) else {}
+        if leaves and method.replaces_base() and all(isinstance(own.get(k), tuple) for k in leaves):
+            node.update({k: tuple(own[k]) for k in leaves})
+        elif leaves:
             kind_leaf = next((own[name] for name in ("kernel", "scale", "embedding") if name in own), None)
             if kind_leaf is None:
                 node.update({k: (None,) * jnp.ndim(v) for k, v in leaves.items()})

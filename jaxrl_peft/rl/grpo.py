@@ -19,7 +19,7 @@ import numpy as np
 from jaxrl_peft.data import loaders, pipeline, prompts as prompt_lib, synthetic
 from jaxrl_peft.eval import math_eval
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import hf, hub, transformer as tfm
+from jaxrl_peft.models import family, hub
 from jaxrl_peft.peft import registry
 from jaxrl_peft.rewards import math as reward_lib
 from jaxrl_peft.rl import losses, rollout
@@ -143,7 +143,8 @@ def heldout_records(c: ml_collections.ConfigDict) -> list[dict[str, str]]:
 
 
 class GRPOTask:
-    """GRPO / DAPO / Dr. GRPO on an R1-Distill decoder with any PEFT method (configs/base_grpo.py)."""
+    """GRPO / DAPO / Dr. GRPO on a model of either family (the R1-Distill decoder, RWKV-7) with any PEFT
+    method (configs/base_grpo.py, configs/grpo_rwkv7.py)."""
 
     name = "grpo"
     eval_metric = "heldout_accuracy"
@@ -168,16 +169,16 @@ class GRPOTask:
         self.mesh = mesh
         path = hub.resolve_model(c.model.checkpoint, c.model.get("revision") or None).path
         self.data_files["model"] = str(path)
-        base_model, params = hf.load(path, dtype=jnp.dtype(c.model.param_dtype), mesh=mesh,
-                                     compute_dtype=jnp.dtype(c.model.dtype))
+        base_family, params = family.load(path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype, mesh=mesh)
         method = registry.from_config(c.peft).prepare(params)
         self.method = method
-        self.cfg = base_model.cfg.replace(remat=c.model.remat)
-        self.tokenizer = hf.Tokenizer(path)
-        self.model = tfm.Transformer(self.cfg, peft=method)
+        self.family = base_family.with_peft(method, remat=c.model.remat)
+        self.cfg = self.family.config
+        self.tokenizer = self.family.tokenizer()
+        self.model = self.family.module
         rl = c.rl
-        stop = [t for t in dict.fromkeys((self.tokenizer.eos_id, self.cfg.eos_token_id)) if t is not None]
-        self.sampler = rollout.Sampler(self.model, rollout.SamplingConfig(rl.max_new_tokens, rl.temperature,
+        stop = self.family.stop_ids(self.tokenizer)
+        self.sampler = rollout.Sampler(self.family, rollout.SamplingConfig(rl.max_new_tokens, rl.temperature,
                                                                           rl.top_p, rl.top_k),
                                        pad_id=self.tokenizer.pad_id, stop_tokens=stop, mesh=mesh)
         self.rewards = self._scorer or reward_lib.MathRewardPool(workers=c.get("reward_workers", 2))
@@ -189,7 +190,7 @@ class GRPOTask:
         # The KL reference policy: the adapter off (full fine-tuning keeps its base weights for it), or
         # for residual methods (PiSSA, MiLoRA), whose base is rewritten, the initial adapter.
         kl = rl.kl_coef > 0
-        return loop.Setup(params, tfm.param_axes(self.cfg), method, keep_base=kl, keep_initial_adapter=kl and method.residual)
+        return loop.Setup(params, self.family.param_axes(), method, keep_base=kl, keep_initial_adapter=kl and method.residual)
 
     def variables(self, frozen: Any, adapter: Any) -> dict:
         return self.method.model_variables(frozen["base"], adapter)
@@ -312,8 +313,8 @@ class GRPOTask:
 
     # ------------------------------------------------------------------ the loss
     def _logprobs(self, variables: dict, tokens: Array, with_entropy: bool = False):
-        return tfm.token_logprobs(self.model, variables, tokens, with_entropy=with_entropy,
-                                  temperature=self.c.rl.temperature)
+        return self.family.token_logprobs(variables, tokens, with_entropy=with_entropy,
+                                          temperature=self.c.rl.temperature)
 
     def pre_update(self, frozen: Any, adapter: Any, batch: dict[str, Array]) -> dict[str, Array]:
         """With several updates per batch, the log-probs before the first update are the 'old' policy."""

@@ -1,22 +1,24 @@
-"""Batched sampling over a preallocated KV cache: one jitted prefill, one jitted decode loop.
+"""The one sampler of both model families: one jitted prefill, one jitted decode loop.
 
-Prompts are left-padded to a common length P. The cache holds P + max_new_tokens slots; the decode
-loop (`lax.while_loop`) stops as soon as every row has emitted one of its stop tokens or used its budget.
+Prompts are left-padded to a common length P. The model's family owns the decode state (the decoder: a
+KV cache of P + max_new_tokens slots; RWKV-7: its constant-size recurrent state) and the sampler only
+calls its prefill and decode step; the loop (`lax.while_loop`) stops as soon as every row has emitted
+one of its stop tokens or used its budget.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import transformer as tfm
+from jaxrl_peft.models import family as family_lib
 
 Array = jax.Array
 
@@ -81,88 +83,103 @@ def sample_tokens(logits: Array, keys: Array, cfg: SamplingConfig) -> tuple[Arra
     return tokens.astype(jnp.int32), jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
 
 
-class Sampler:
-    """Generates continuations of left-padded prompts with a model and any parameter/adapter tree.
+class Step(NamedTuple):
+    """One decoded step of every row (streaming mode); arrays have a leading batch axis."""
 
-    `sampler(variables, prompt_tokens [B, P], prompt_mask [B, P], key)` returns a `Rollout`.
+    index: int  # 0-based step
+    tokens: np.ndarray  # [B] int32, pad where the row is not active
+    logprobs: np.ndarray  # [B] f32
+    logits: np.ndarray  # [B, V] f32: the logits the token was drawn from
+    active: np.ndarray  # [B] bool: the row emitted this token (not finished before the step)
+
+
+class Sampler:
+    """Generates continuations of left-padded prompts with a model of either family and any
+    parameter/adapter tree.
+
+    `model` is a `family.Family` (element 0 of `family.load(...)`) or a bare module a family wraps
+    (`tfm.Transformer`, RWKV-7). `sampler(variables, prompt_tokens [B, P], prompt_mask [B, P], key)`
+    returns a `Rollout` (with `return_state=True`, also the decode state after each row's last token);
+    `sampler.stream(..., on_step)` decodes step by step and calls `on_step(Step)` after each one (chat).
     Row r draws its randomness from fold_in(key, row_ids[r]), so a prompt gets the same sample
     whether it is alone or in a batch at the same row id.
     """
 
-    def __init__(self, model: tfm.Transformer, sampling: SamplingConfig, pad_id: int,
+    def __init__(self, model: Any, sampling: SamplingConfig, pad_id: int,
                  stop_tokens: Sequence[int] = (), mesh: Mesh | None = None, cache_dtype: Any = None):
-        self.model = model
+        family = family_lib.of(model)
+        if cache_dtype is not None and isinstance(family, family_lib.DecoderFamily):
+            family = dataclasses.replace(family, cache_dtype=cache_dtype)
+        self.family = family
+        self.model = family.module
         self.sampling = sampling
         self.pad_id = int(pad_id)
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         self.mesh = mesh
-        self.cache_dtype = cache_dtype
         self._prefill = jax.jit(self._prefill_fn)
         self._decode = jax.jit(self._decode_fn)
+        self._start = jax.jit(self._start_fn)
+        self._step = jax.jit(self._step_fn)
 
-    def _constrain_cache(self, cache):
+    def _constrain_state(self, state: Any) -> Any:
         if self.mesh is None:
-            return cache
-        sharding = mesh_lib.logical_sharding(tfm.CACHE_AXES, self.mesh)
-        return jax.lax.with_sharding_constraint(cache, jax.tree.map(lambda _: sharding, cache))
+            return state
+        treedef = jax.tree.structure(state)
+        axes = treedef.flatten_up_to(self.family.state_axes(state))  # one axis-name tuple per state leaf
+        return jax.lax.with_sharding_constraint(
+            state, treedef.unflatten([mesh_lib.logical_sharding(P(*a), self.mesh) for a in axes]))
 
     def _prefill_fn(self, variables, tokens, mask):
         b, p = tokens.shape
-        cache = tfm.init_cache(self.model.cfg, b, p + self.sampling.max_new_tokens, self.cache_dtype)
-        cache = self._constrain_cache(cache)
-        kv_mask = jnp.concatenate([mask, jnp.ones((b, self.sampling.max_new_tokens), jnp.bool_)], axis=1)
-        positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-        logits, cache = self.model.apply(variables, tokens, positions=positions, cache=cache,
-                                         cache_index=0, kv_mask=kv_mask)
-        return cache, logits[:, -1].astype(jnp.float32), kv_mask
+        state = self._constrain_state(self.family.init_state(b, p + self.sampling.max_new_tokens))
+        logits, state = self.family.prefill(variables, state, tokens, mask)
+        return logits, self._constrain_state(state)
 
-    def _decode_fn(self, variables, cache, logits, kv_mask, prompt_lens, key, stop_tokens, budgets, row_ids):
-        b = logits.shape[0]
-        n = self.sampling.max_new_tokens
-        p = kv_mask.shape[1] - n
-        out_tokens = jnp.full((b, n), self.pad_id, jnp.int32)
-        out_logp = jnp.zeros((b, n), jnp.float32)
-        out_mask = jnp.zeros((b, n), jnp.bool_)
-        done = budgets <= 0
-        stopped = jnp.zeros((b,), jnp.bool_)
+    def _start_fn(self, logits, key, budgets, row_ids):
+        """The decode loop's carry before step 0."""
+        b, n = logits.shape[0], self.sampling.max_new_tokens
         row_keys = jax.vmap(lambda r: jax.random.fold_in(key, r))(row_ids)
+        return (jnp.int32(0), logits, jnp.full((b, n), self.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+                jnp.zeros((b, n), jnp.bool_), budgets <= 0, jnp.zeros((b,), jnp.bool_), row_keys)
 
-        def cond(state):
-            step, *_, done, _ = state
+    def _step_fn(self, variables, state, carry, stop_tokens, budgets):
+        """Draws one token per row from `logits`, records it, feeds it: returns (state, carry, the step's
+        (tokens, logprobs, drawn-from logits, active))."""
+        step, logits, out_tokens, out_logp, out_mask, done, stopped, row_keys = carry
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
+        token, logp = sample_tokens(logits, keys, self.sampling)
+        active = ~done
+        token = jnp.where(active, token, self.pad_id)
+        logp = jnp.where(active, logp, 0.0)
+        out_tokens = jax.lax.dynamic_update_slice(out_tokens, token[:, None], (0, step))
+        out_logp = jax.lax.dynamic_update_slice(out_logp, logp[:, None], (0, step))
+        out_mask = jax.lax.dynamic_update_slice(out_mask, active[:, None], (0, step))
+        hit = active & jnp.any(token[:, None] == stop_tokens, axis=-1)
+        stopped = stopped | hit
+        done = done | hit | (step + 1 >= budgets)
+        new_logits, state = self.family.decode_step(variables, state, token, active)
+        state = self._constrain_state(state)
+        carry = (step + 1, new_logits, out_tokens, out_logp, out_mask, done, stopped, row_keys)
+        return state, carry, (token, logp, logits, active)
+
+    def _decode_fn(self, variables, state, logits, key, stop_tokens, budgets, row_ids):
+        n = self.sampling.max_new_tokens
+
+        def cond(loop_state):
+            _, (step, *_, done, _, _) = loop_state
             return (step < n) & ~jnp.all(done)
 
-        def body(state):
-            step, cache, logits, out_tokens, out_logp, out_mask, done, stopped = state
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(row_keys)
-            token, logp = sample_tokens(logits, keys, self.sampling)
-            active = ~done
-            token = jnp.where(active, token, self.pad_id)
-            out_tokens = jax.lax.dynamic_update_slice(out_tokens, token[:, None], (0, step))
-            out_logp = jax.lax.dynamic_update_slice(out_logp, jnp.where(active, logp, 0.0)[:, None], (0, step))
-            out_mask = jax.lax.dynamic_update_slice(out_mask, active[:, None], (0, step))
-            hit = active & jnp.any(token[:, None] == stop_tokens, axis=-1)
-            stopped = stopped | hit
-            done = done | hit | (step + 1 >= budgets)
-            new_logits, cache = self.model.apply(
-                variables, token[:, None], positions=(prompt_lens + step)[:, None], cache=cache,
-                cache_index=p + step, kv_mask=kv_mask)
-            return (step + 1, cache, new_logits[:, 0].astype(jnp.float32), out_tokens, out_logp, out_mask,
-                    done, stopped)
+        def body(loop_state):
+            state, carry = loop_state
+            state, carry, _ = self._step_fn(variables, state, carry, stop_tokens, budgets)
+            return state, carry
 
-        state = (jnp.int32(0), cache, logits, out_tokens, out_logp, out_mask, done, stopped)
-        _, _, _, out_tokens, out_logp, out_mask, _, stopped = jax.lax.while_loop(cond, body, state)
-        return Rollout(out_tokens, out_logp, out_mask, jnp.sum(out_mask, axis=1, dtype=jnp.int32), stopped)
+        carry = self._start_fn(logits, key, budgets, row_ids)
+        state, carry = jax.lax.while_loop(cond, body, (state, carry))
+        return _rollout(carry), state
 
-    def __call__(self, variables: dict, prompt_tokens: Array, prompt_mask: Array, key: Array,
-                 stop_tokens: Array | None = None, budgets: Array | None = None,
-                 row_ids: Array | None = None) -> Rollout:
-        """stop_tokens: [B, S] per-row stop ids (pad with -1), default the sampler's list for every row;
-        budgets: [B] per-row maximum new tokens (<= max_new_tokens); row_ids: [B] RNG stream per row
-        (default: the row's index in the global batch).
-
-        With a mesh, the arguments are this host's rows (every host calls with the same number of rows;
-        with one process, all rows) and the returned arrays are the global batch, sharded over the
-        batch axes: `mesh.local_rows` gives this host's rows back."""
+    def _inputs(self, prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids) -> tuple[Array, ...]:
+        """Checked, defaulted and placed (sharded with a mesh) arguments of one call."""
         prompt_tokens, prompt_mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.bool_)
         if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
             raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
@@ -177,13 +194,48 @@ class Sampler:
         row_ids = offset + np.arange(b, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
         inputs = (prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
         if self.mesh is not None:
-            inputs = tuple(mesh_lib.host_batch(x, self.mesh) for x in inputs)
-        else:
-            inputs = tuple(jnp.asarray(x) for x in inputs)
-        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids = inputs
-        cache, logits, kv_mask = self._prefill(variables, prompt_tokens, prompt_mask)
-        prompt_lens = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-        return self._decode(variables, cache, logits, kv_mask, prompt_lens, key, stop_tokens, budgets, row_ids)
+            return tuple(mesh_lib.host_batch(x, self.mesh) for x in inputs)
+        return tuple(jnp.asarray(x) for x in inputs)
+
+    def __call__(self, variables: dict, prompt_tokens: Array, prompt_mask: Array, key: Array,
+                 stop_tokens: Array | None = None, budgets: Array | None = None,
+                 row_ids: Array | None = None, return_state: bool = False) -> Rollout | tuple[Rollout, Any]:
+        """stop_tokens: [B, S] per-row stop ids (pad with -1), default the sampler's list for every row;
+        budgets: [B] per-row maximum new tokens (<= max_new_tokens); row_ids: [B] RNG stream per row
+        (default: the row's index in the global batch). return_state: also return the decode state after
+        each row's last token (RWKV-7: exactly; a finished row's state stops at its stop token).
+
+        With a mesh, the arguments are this host's rows (every host calls with the same number of rows;
+        with one process, all rows) and the returned arrays are the global batch, sharded over the
+        batch axes: `mesh.local_rows` gives this host's rows back."""
+        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids = self._inputs(
+            prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
+        logits, state = self._prefill(variables, prompt_tokens, prompt_mask)
+        out, state = self._decode(variables, state, logits, key, stop_tokens, budgets, row_ids)
+        return (out, state) if return_state else out
+
+    def stream(self, variables: dict, prompt_tokens: Array, prompt_mask: Array, key: Array,
+               on_step: Callable[[Step], None], stop_tokens: Array | None = None,
+               budgets: Array | None = None, row_ids: Array | None = None) -> tuple[Rollout, Any]:
+        """Like `__call__(..., return_state=True)` (the same tokens), one jitted step at a time: calls
+        `on_step(Step)` after each decoded step (host arrays), for chat and for inspecting logits."""
+        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids = self._inputs(
+            prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
+        logits, state = self._prefill(variables, prompt_tokens, prompt_mask)
+        carry = self._start(logits, key, budgets, row_ids)
+        for index in range(self.sampling.max_new_tokens):
+            if bool(jnp.all(carry[5])):
+                break
+            state, carry, (token, logp, drawn_from, active) = self._step(variables, state, carry, stop_tokens,
+                                                                         budgets)
+            on_step(Step(index, *jax.device_get((token, logp, drawn_from, active))))
+        return _rollout(carry), state
+
+
+def _rollout(carry: tuple) -> Rollout:
+    """The Rollout a decode carry holds."""
+    _, _, out_tokens, out_logp, out_mask, _, stopped, _ = carry
+    return Rollout(out_tokens, out_logp, out_mask, jnp.sum(out_mask, axis=1, dtype=jnp.int32), stopped)
 
 
 def decode_completions(tokenizer: Any, out: Rollout, rows: int | None = None) -> list[str]:

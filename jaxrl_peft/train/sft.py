@@ -3,7 +3,8 @@
 The loss is the mean negative log-likelihood over completion tokens only (prompt tokens are context,
 never targets), normalised by the completion tokens of the whole step, so micro-batches add up to the
 batch. Examples are packed into rows of `seq_len` tokens (positions restart and attention stays
-within each example through segment ids); each epoch is a seeded shuffle, so the data position is
+within each example through segment ids) when the model's family allows it; otherwise (RWKV-7, whose
+state cannot reset at a segment boundary) each row holds one example. Each epoch is a seeded shuffle, so the data position is
 (epoch, row) and a resumed run reads exactly the rows an uninterrupted one would.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from jaxrl_peft.data import prompts as prompt_lib, synthetic
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models import hf, hub, transformer as tfm
+from jaxrl_peft.models import family, hf, hub
 from jaxrl_peft.peft import registry
 from jaxrl_peft.train import loop
 
@@ -28,14 +29,15 @@ Array = jax.Array
 Example = tuple[Sequence[int], Sequence[int]]  # (prompt ids, completion ids)
 
 
-def pack(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Greedy packing of examples (in the given order) into rows of at most `seq_len` tokens."""
+def pack(lengths: Sequence[int], seq_len: int, packs: bool = True) -> list[list[int]]:
+    """Greedy packing of examples (in the given order) into rows of at most `seq_len` tokens; one
+    example per row when `packs` is False (a family that cannot tell segments apart)."""
     rows: list[list[int]] = []
     used = seq_len
     for i, n in enumerate(lengths):
         if n > seq_len:
             raise ValueError(f"example {i} has {n} tokens, more than the row length {seq_len}")
-        if used + n > seq_len:
+        if used + n > seq_len or not packs:
             rows.append([])
             used = 0
         rows[-1].append(i)
@@ -126,7 +128,7 @@ def nll_sums(logp: Array, loss_mask: Array) -> tuple[Array, Array]:
 
 
 class SFTTask:
-    """Supervised fine-tuning of a decoder with any PEFT method (full fine-tuning included).
+    """Supervised fine-tuning of a model of either family with any PEFT method (full fine-tuning included).
 
     Examples come from `examples` (token pairs) or the JSONL file `config.data.train`; held-out
     examples from `heldout` or `config.data.heldout` (none: the evaluation reports 0)."""
@@ -155,12 +157,12 @@ class SFTTask:
         self.mesh = mesh
         path = hub.resolve_model(c.model.checkpoint, c.model.get("revision") or None).path
         self.data_files["model"] = str(path)
-        base_model, params = hf.load(path, dtype=jnp.dtype(c.model.param_dtype), mesh=mesh,
-                                     compute_dtype=jnp.dtype(c.model.dtype))
+        base_family, params = family.load(path, dtype=c.model.param_dtype, compute_dtype=c.model.dtype, mesh=mesh)
         self.method = registry.from_config(c.peft).prepare(params)
-        self.cfg = base_model.cfg.replace(remat=c.model.remat)
-        self.model = tfm.Transformer(self.cfg, peft=self.method)
-        self.tokenizer = hf.Tokenizer(path)
+        self.family = base_family.with_peft(self.method, remat=c.model.remat)
+        self.cfg = self.family.config
+        self.model = self.family.module
+        self.tokenizer = self.family.tokenizer()
         self.pad_id = self.tokenizer.pad_id
         self.examples = list(self._examples if self._examples is not None else self._read("train"))
         self.lengths = check_examples(self.examples, c.sft.seq_len, "sft training data")
@@ -168,7 +170,7 @@ class SFTTask:
         if self.heldout:
             check_examples(self.heldout, c.sft.seq_len, "sft held-out data")
         self._epoch_rows: dict[int, list[list[int]]] = {}
-        return loop.Setup(params, tfm.param_axes(self.cfg), self.method)
+        return loop.Setup(params, self.family.param_axes(), self.method)
 
     def _read(self, role: str) -> list[Example]:
         """config.data.<role>: a JSONL file, 'synthetic' (worked synthetic solutions) or '' (none)."""
@@ -188,7 +190,8 @@ class SFTTask:
             self._epoch_rows = {epoch: []}
             order = np.random.default_rng([self.c.seed, epoch]).permutation(len(self.examples))
             self._epoch_rows[epoch] = [[int(order[j]) for j in row]
-                                       for row in pack([self.lengths[j] for j in order], self.c.sft.seq_len)]
+                                       for row in pack([self.lengths[j] for j in order], self.c.sft.seq_len,
+                                                       self.family.packs_segments)]
         return self._epoch_rows[epoch]
 
     def data_state(self) -> Any:
@@ -222,8 +225,10 @@ class SFTTask:
     # ------------------------------------------------------------------ the loss
     def _logprobs(self, frozen: Any, adapter: Any, batch: dict[str, Array]) -> tuple[Array, Array]:
         variables = self.method.model_variables(frozen["base"], adapter)
-        return tfm.token_logprobs(self.model, variables, batch["tokens"], positions=batch["positions"],
-                                  segment_ids=batch["segment_ids"])[0], batch["loss_mask"]
+        if not self.family.packs_segments:  # one right-padded example per row: nothing to tell apart
+            return self.family.token_logprobs(variables, batch["tokens"])[0], batch["loss_mask"]
+        return self.family.token_logprobs(variables, batch["tokens"], positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"])[0], batch["loss_mask"]
 
     def pre_update(self, frozen: Any, adapter: Any, batch: dict[str, Array]) -> dict[str, Array]:
         return {}
@@ -241,7 +246,7 @@ class SFTTask:
         if not self.heldout:
             return 0.0
         return heldout_loss(self._nll_fn, frozen, adapter, self.heldout, self.pad_id, self.c.sft.seq_len,
-                            self.c.sft.micro_batch_size)
+                            self.c.sft.micro_batch_size, self.family.packs_segments)
 
     def _nll_fn(self, frozen: Any, adapter: Any, batch: dict[str, Array]) -> tuple[Array, Array]:
         return nll_sums(*self._logprobs(frozen, adapter, batch))
@@ -251,10 +256,11 @@ class SFTTask:
 
 
 def heldout_loss(nll_fn: Any, frozen: Any, adapter: Any, examples: Sequence[Example], pad_id: int,
-                 seq_len: int, batch_size: int) -> float:
-    """Mean NLL per completion token of `examples` (packed in order; one compiled shape)."""
+                 seq_len: int, batch_size: int, packs: bool = True) -> float:
+    """Mean NLL per completion token of `examples` (packed in order unless `packs` is False; one
+    compiled shape)."""
     fn = jax.jit(nll_fn)
-    rows = pack(check_examples(examples, seq_len), seq_len)
+    rows = pack(check_examples(examples, seq_len), seq_len, packs)
     nll = count = 0.0
     for i in range(0, len(rows), batch_size):
         chunk = [[examples[j] for j in row] for row in rows[i:i + batch_size]]

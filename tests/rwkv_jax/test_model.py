@@ -1,5 +1,6 @@
 """RWKV-7 model: parity with the official rwkv package (x070, cpu fp32) on a tiny random checkpoint,
-recurrent == parallel, generation, checkpoint loading/conversion and their errors."""
+recurrent == parallel, generation through the shared sampler, checkpoint loading/conversion and their
+errors."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from rwkv_jax import model as rwkv_model
-from rwkv_jax.model import RWKV7, RWKV7Config, RWKV7State, generate, init_state, load
+from jaxrl_peft.rl import rollout
+from rwkv_jax.model import RWKV7, RWKV7Config, RWKV7State, init_state, load
 
 torch = pytest.importorskip("torch")
 
@@ -166,6 +168,16 @@ def test_recurrent_equals_parallel_and_prefill_continues(apply, tokens):
     assert max_diff(rest_rec, par[:, cut:]) <= TOL
 
 
+def generate(model, params, prompt, max_new_tokens, temperature=0.0, top_p=1.0, key=None):
+    """The shared sampler on unpadded prompts: (new tokens [B, N], state after the last new token)."""
+    sampling = rollout.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    sampler = rollout.Sampler(model, sampling, pad_id=0)
+    prompt = np.asarray(prompt)
+    key = jax.random.key(0) if key is None else key
+    out, state = sampler({"params": params}, prompt, np.ones(prompt.shape, bool), key, return_state=True)
+    return out.tokens, state
+
+
 def test_greedy_generation_matches_parallel(loaded, apply, tokens):
     model, params = loaded
     n_prompt = n_new = T // 2
@@ -192,8 +204,8 @@ def test_sampling_generation(loaded, tokens):
     b, _ = generate(model, params, prompt, T // 2, key=jax.random.key(3), **kw)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert a.shape == (2, T // 2) and int(a.min()) >= 0 and int(a.max()) < V
-    with pytest.raises(ValueError, match="PRNG key"):
-        generate(model, params, tokens[:, :4], 2, temperature=1.0)
+    c, _ = generate(model, params, prompt, T // 2, key=jax.random.key(4), **kw)
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
 
 
 def test_safetensors_conversion(ckpt, loaded, apply_p, tokens, tmp_path):
@@ -213,7 +225,7 @@ def test_bf16_checkpoint(tmp_path):
     torch.save(sd, tmp_path / "bf16.pth")
     rwkv_model.convert_pth_to_safetensors(str(tmp_path / "bf16.pth"), str(tmp_path / "st"))
     for path in (tmp_path / "bf16.pth", tmp_path / "st"):
-        _, params = load(str(path), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+        _, params = load(str(path), dtype=jnp.float32, compute_dtype=jnp.bfloat16)
         want = sd["blocks.1.att.key.weight"].float().numpy().T
         np.testing.assert_array_equal(np.asarray(params["blocks_1"]["att"]["key"]["kernel"]), want)
     model, params = load(str(tmp_path / "st"), dtype=jnp.bfloat16)
@@ -300,3 +312,72 @@ def test_remat_same_logits_and_grads(loaded, tokens):
     l2, g2 = grad(params, remat)
     assert abs(float(l1) - float(l2)) <= 1e-6
     assert max(jax.tree.leaves(jax.tree.map(max_diff, g1, g2))) <= 1e-5
+
+
+def official_greedy(official, prompt: list[int], n_new: int):
+    """The official package's recurrent greedy decoding of one prompt alone: (tokens, logits [n, V],
+    per-step states in our layout after each fed token)."""
+    logits, state = official.forward(prompt, None)
+    tokens, all_logits, states = [], [], []
+    for _ in range(n_new):
+        all_logits.append(logits.numpy())
+        tokens.append(int(np.argmax(all_logits[-1])))
+        logits, state = official.forward([tokens[-1]], state)
+        states.append(official_state_as_ours(state))
+    return tokens, np.stack(all_logits), states
+
+
+def test_shared_sampler_left_padded_greedy_matches_official(official, loaded, tokens):
+    """Acceptance: a greedy left-padded batch through rollout.Sampler gives, for 32 new tokens, the
+    official recurrent greedy tokens of each prompt alone, logits within 1e-4 (fp32), and the state
+    after each row's last token (a shorter budget stops a row's state at its own last token)."""
+    model, params = loaded
+    n_new = 32
+    prompts = [tokens[0, :5].tolist(), tokens[1, :11].tolist(), tokens[0, 3:19].tolist()]
+    padded, mask = rollout.left_pad(prompts, pad_id=0)
+    sampler = rollout.Sampler(model, rollout.SamplingConfig(max_new_tokens=n_new, temperature=0.0), pad_id=0)
+    steps = []
+    out, state = sampler.stream({"params": params}, padded, mask, jax.random.key(0), steps.append)
+    budgets = np.array([n_new, 10, 20], np.int32)
+    short, short_state = sampler({"params": params}, padded, mask, jax.random.key(0), budgets=budgets,
+                                 return_state=True)
+    whole = sampler({"params": params}, padded, mask, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(whole.tokens), np.asarray(out.tokens))
+    assert len(steps) == n_new and all(s.active.all() for s in steps)
+    for b, prompt in enumerate(prompts):
+        ref_tokens, ref_logits, ref_states = official_greedy(official, prompt, n_new)
+        np.testing.assert_array_equal(np.asarray(out.tokens[b]), ref_tokens)
+        d = max_diff(np.stack([s.logits[b] for s in steps]), ref_logits)
+        print(f"shared sampler vs official, prompt {b} ({len(prompt)} tokens): max |dlogits| = {d:.2e}")
+        assert d <= TOL
+        for ours, theirs in zip(state, ref_states[-1]):
+            assert max_diff(ours[:, b], theirs) <= TOL
+        n = int(budgets[b])
+        np.testing.assert_array_equal(np.asarray(short.tokens[b, :n]), ref_tokens[:n])
+        assert int(short.lengths[b]) == n
+        for ours, theirs in zip(short_state, ref_states[n - 1]):
+            assert max_diff(ours[:, b], theirs) <= TOL
+
+
+def test_left_padding_leaves_state_as_without_pads(loaded, tokens):
+    """Pad steps are exact no-ops: the padded prompt's state equals the unpadded one's, also when the
+    prefill continues from a nonzero state (a chat turn) and when it starts from embeddings."""
+    model, params = loaded
+    fam = rwkv_model.RWKV7Family(model)
+    prefill = jax.jit(fam.prefill)
+    variables = {"params": params}
+    prompt = tokens[:1, :7]
+    start = fam.init_state(1, 0)
+    plain_logits, plain = prefill(variables, start, prompt, np.ones((1, 7), bool))
+    _, chat_state = prefill(variables, start, tokens[1:, :9], np.ones((1, 9), bool))
+    chat_logits, chat = prefill(variables, chat_state, prompt, np.ones((1, 7), bool))
+    padded = np.concatenate([np.full((1, 9), 5, np.int32), prompt], axis=1)
+    mask = np.arange(16)[None] >= 9
+    for begin, want_logits, want in ((start, plain_logits, plain), (chat_state, chat_logits, chat)):
+        logits, got = prefill(variables, begin, padded, mask)
+        assert max_diff(logits, want_logits) <= 1e-5
+        for a, b in zip(got, want):
+            assert max_diff(a, b) <= 1e-5
+    embeddings = model.apply(variables, jnp.asarray(padded), method=RWKV7.embed)
+    logits, got = prefill(variables, start, None, mask, embeddings=embeddings)
+    assert max_diff(logits, plain_logits) <= 1e-5

@@ -15,7 +15,8 @@ from jaxrl_peft.rl import grpo, rollout
 from jaxrl_peft.train import loop, memory
 
 ROOT = Path(__file__).resolve().parents[3]
-CONFIGS = sorted(p.stem for p in ROOT.joinpath("configs").glob("grpo_*.py"))
+# The decoder's per-method configs; configs/grpo_rwkv7.py (every method on RWKV-7) is test_grpo_rwkv7.py's.
+CONFIGS = sorted(p.stem for p in ROOT.joinpath("configs").glob("grpo_*.py") if p.stem != "grpo_rwkv7")
 TEXTS = ["What is 2 + 3? <think>\nAdd.\n</think>\n\\boxed{5}", "Solve x + 1 = 4. \\boxed{3}"] * 10
 
 
