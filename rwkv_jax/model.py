@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import family as family_lib, hf, safetensors_io
-from jaxrl_peft.models.layers import Embed, LayerNorm, Linear, adapted_gain
+from jaxrl_peft.models.layers import chunked_token_logprobs, Embed, LayerNorm, Linear, adapted_gain
 from jaxrl_peft.peft.base import PeftMethod
 from rwkv_jax.kernels.wkv7 import wkv7
 
@@ -704,7 +704,7 @@ class RWKV7Family:
         del positions, segment_ids
         hidden = self.module.apply(variables, tokens, return_hidden=True)[0][:, :-1]  # [B, T-1, C]
         head = lambda h: self.module.apply(variables, h, method=RWKV7.logits_from_hidden)  # noqa: E731
-        return family_lib.chunked_token_logprobs(hidden, tokens[:, 1:], head, temperature=temperature,
+        return chunked_token_logprobs(hidden, tokens[:, 1:], head, temperature=temperature,
                                                  with_entropy=with_entropy)
 
     def init_state(self, batch: int, max_len: int) -> RWKV7State:

@@ -60,9 +60,14 @@ def split_config_flag(config: str) -> tuple[Path, str]:
     return path, arg
 
 
+# configs/grpo_<name>.py files that are a model family's entry, not a PEFT method of the decoder.
+FAMILY_CONFIGS = ("rwkv7",)
+
+
 def available_methods(config_dir: Path) -> list[str]:
     """The methods with a configs/grpo_<method>.py file (14 in this repository)."""
-    return sorted(p.stem.removeprefix("grpo_") for p in config_dir.glob("grpo_*.py"))
+    return sorted(name for p in config_dir.glob("grpo_*.py")
+                  if (name := p.stem.removeprefix("grpo_")) not in FAMILY_CONFIGS)
 
 
 def load_config_file(path: Path, arg: str) -> ml_collections.ConfigDict:

@@ -17,6 +17,7 @@ import numpy as np
 from jaxrl_peft.peft.base import PeftMethod, linear
 
 Dtype = Any
+Array = jax.Array
 Initializer = Callable[..., jax.Array]
 
 
@@ -178,3 +179,28 @@ class Embed(nn.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the (tied) table: x [..., features] -> [..., vocab]."""
         return x.astype(self.dtype) @ self.table().T
+
+
+def chunked_token_logprobs(hidden: Array, targets: Array, head: Callable[[Array], Array], chunk: int = 512,
+                           temperature: float = 1.0, with_entropy: bool = False) -> tuple[Array, Array | None]:
+    """Token log-probs (and entropies) [B, N] of `targets` [B, N] from final hidden states [B, N, D],
+    `head` [B, C, D] -> logits [B, C, V] run `chunk` positions at a time under remat, so [B, N, V] logits
+    are never held in memory (forward or backward)."""
+    b, n, d = hidden.shape
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
+    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h, t):  # [B, C, D], [B, C]
+        logits = head(h).astype(jnp.float32) / temperature  # [B, C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else None
+        return lp, ent
+
+    lp, ent = jax.lax.map(lambda xs: one(*xs), (hidden, targets))  # [n_chunks, B, C]
+    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
+    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n] if with_entropy else None
+    return lp, ent

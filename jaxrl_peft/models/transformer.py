@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_peft.infra import mesh as mesh_lib
-from jaxrl_peft.models.layers import Embed, Linear, RMSNorm
+from jaxrl_peft.models.layers import Embed, Linear, RMSNorm, chunked_token_logprobs
 from jaxrl_peft.peft import registry
 from jaxrl_peft.peft.base import PeftMethod
 
@@ -385,20 +385,8 @@ def token_logprobs(model: Transformer, variables: dict, tokens: Array, chunk: in
     never held in memory (forward or backward). kwargs go to the model (attention_mask, positions, ...).
     """
     hidden = model.apply(variables, tokens, return_hidden=True, **kwargs)[:, :-1]  # [B, T-1, D]
-    targets = tokens[:, 1:]
-    b, n, d = hidden.shape
-    chunk = min(chunk, n)
-    pad = -n % chunk
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).swapaxes(0, 1)
-    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(h, t):  # [B, C, D], [B, C]
-        logits = head_logits(model.cfg, model.peft, variables, h).astype(jnp.float32) / temperature  # [B, C, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        lp = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - lse
-        ent = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1) if with_entropy else None
-        return lp, ent
+    return chunked_token_logprobs(hidden, tokens[:, 1:], lambda h: head_logits(model.cfg, model.peft, variables, h),
+                                  chunk=chunk, temperature=temperature, with_entropy=with_entropy)
 
     lp, ent = jax.lax.map(lambda xs: one(*xs), (hidden, targets))  # [n_chunks, B, C]
     lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]

@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL and restarted in the same workdir ends exactly like an uninterrupted one."""
+"""A run killed with SIGKILL and restarted in the same workdir ends exactly like an uninterrupted one, for the
+embedded defaults of both families (the decoder and RWKV-7)."""
 
 import json
 import os
@@ -11,17 +12,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-FLAGS = ["--config=configs/grpo_dora.py:tiny", "--config.steps=4", "--config.checkpoint_every=2",
+FLAGS = ["--config.steps=4", "--config.checkpoint_every=2",
          "--config.eval_every=0", "--config.rl.prompts_per_step=4", "--config.rl.group_size=4",
          "--config.rl.max_new_tokens=48", "--config.eval.num_problems=4", "--config.eval.samples=1",
          "--config.optim.learning_rate=1e-3"]
 TIMING = ("time_rollout", "time_reward", "time_update", "time_step", "tokens_per_s")
 
 
-def _cmd(workdir):
-    return [sys.executable, str(ROOT / "launch" / "train.py"), *FLAGS, f"--workdir={workdir}"]
+def _cmd(workdir, config):
+    return [sys.executable, str(ROOT / "launch" / "train.py"), f"--config={config}", *FLAGS, f"--workdir={workdir}"]
 
 
 def _env():
@@ -40,10 +42,11 @@ def _adapter(workdir, step):
     return [np.asarray(x) for x in jax.tree.leaves(ocp.PyTreeCheckpointer().restore(path)["adapter"])]
 
 
-def test_sigkill_and_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("config", ["configs/grpo_dora.py:tiny", "configs/grpo_rwkv7.py:tiny"])
+def test_sigkill_and_resume_is_bit_exact(tmp_path, config):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_cmd(full), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    subprocess.run(_cmd(full, config), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_cmd(killed, config), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not (killed / "ckpt" / "2").exists() and proc.poll() is None and time.time() < deadline:
@@ -52,7 +55,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "ckpt" / "4").exists()
-    out = subprocess.run(_cmd(killed), cwd=ROOT, env=_env(), check=True, capture_output=True, text=True,
+    out = subprocess.run(_cmd(killed, config), cwd=ROOT, env=_env(), check=True, capture_output=True, text=True,
                          timeout=600)
     assert "resumed from" in out.stdout and "heldout_accuracy before=" in out.stdout.splitlines()[-1]
     assert _metrics(full) == _metrics(killed)
