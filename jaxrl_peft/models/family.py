@@ -235,9 +235,14 @@ def load(path: str | os.PathLike, dtype: Any = jnp.float32, compute_dtype: Any =
 def of(model: Any) -> Family:
     """`model` as a Family: a Family is returned as it is, a bare module (`tfm.Transformer`, RWKV-7) is
     wrapped by the class `WRAPPERS` names for it."""
+    cls = type(model)
+    if isinstance(model, nn.Module):  # checked first: an unbound module's `path` raises, not returns
+        key = f"{cls.__module__}.{cls.__qualname__}"
+        if key not in WRAPPERS:
+            raise TypeError(f"no model family wraps {key}; known: {sorted(WRAPPERS)}")
+        return _resolve(WRAPPERS[key])(model)
     if isinstance(model, Family):
         return model
-    cls = type(model)
     key = f"{cls.__module__}.{cls.__qualname__}"
     if key not in WRAPPERS:
         raise TypeError(f"no model family wraps {key}; known: {sorted(WRAPPERS)}")
