@@ -133,6 +133,20 @@ def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
 
+def read_config_json(path: str | os.PathLike) -> tuple[dict[str, Any], Path]:
+    """The config.json of a checkpoint directory as a dict, and its file; errors name the file."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: missing config.json")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object")
+    return config, cfg_file
+
+
 def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
          compute_dtype: Any = None, rules=mesh_lib.LOGICAL_RULES, scan_layers: bool = True
          ) -> tuple[tfm.Transformer, dict]:
@@ -143,13 +157,7 @@ def load(path: str | os.PathLike, dtype: Any = jnp.bfloat16, mesh: Mesh | None =
     stacked ([L, ...] under `layers`), each device slice still read layer by layer from the mapped files.
     """
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: missing config.json")
-    try:
-        hf_cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    hf_cfg, cfg_file = read_config_json(path)
     dtype = jnp.dtype(dtype)
     cfg = config_from_hf(hf_cfg, str(cfg_file)).replace(
         param_dtype=dtype.name, dtype=jnp.dtype(compute_dtype or dtype).name, scan_layers=scan_layers)

@@ -7,7 +7,6 @@ and returns a linen module whose `apply({'params': params}, inputs)` gives the f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +17,7 @@ from jax.sharding import Mesh
 import jax
 
 from jaxrl_peft.infra import mesh as mesh_lib
+from jaxrl_peft.models import hf
 from jaxrl_peft.models.safetensors_io import CheckpointError
 from rwkv_jax.encoders import vit, wavlm, whisper
 
@@ -58,16 +58,7 @@ def register(model_type: str, loader: Loader) -> None:
 
 def read_config(path: str | Path) -> dict[str, Any]:
     """The config.json of a checkpoint directory, with errors that name the file."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: missing config.json")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_file}: expected a JSON object")
-    return config
+    return hf.read_config_json(path)[0]
 
 
 def load(path: str | Path, dtype: Any = jnp.float32, compute_dtype: Any = None,

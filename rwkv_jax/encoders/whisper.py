@@ -9,9 +9,7 @@ share (convolutions are `layers.Conv1D`, a `Linear` over unfolded windows, so PE
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -20,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_peft.models.layers import Conv1D, LayerNorm, Linear, conv_kernel
+from jaxrl_peft.models import hf as hf_io
 from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.peft.registry import nest
@@ -44,13 +43,7 @@ def linear_kernel(weight: np.ndarray) -> np.ndarray:
 
 def read_config(path: str | os.PathLike, model_types: tuple[str, ...]) -> tuple[dict[str, Any], str]:
     """config.json of a checkpoint directory, checked to be one of `model_types`: (dict, file name)."""
-    cfg_file = Path(path) / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: missing config.json")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    hf, cfg_file = hf_io.read_config_json(path)
     if hf.get("model_type") not in model_types:
         raise CheckpointError(f"{cfg_file}: model_type {hf.get('model_type')!r}, expected one of {model_types}")
     return hf, str(cfg_file)
