@@ -676,6 +676,7 @@ class RWKV7Family:
 
     name: ClassVar[str] = "rwkv7"
     packs_segments: ClassVar[bool] = False
+    continues_state: ClassVar[bool] = True  # the O(1) state: a chat's next turn feeds only its new tokens
 
     @property
     def config(self) -> RWKV7Config:

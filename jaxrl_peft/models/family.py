@@ -48,6 +48,7 @@ class Family(Protocol):
 
     name: ClassVar[str]
     packs_segments: ClassVar[bool]  # whether rows may hold several examples told apart by segment ids
+    continues_state: ClassVar[bool]  # whether prefill may start from a state a previous call returned
     module: nn.Module
     path: str | None  # the checkpoint it was loaded from (tokenizer files live there)
 
@@ -118,6 +119,7 @@ class DecoderFamily:
     cache_dtype: Any = None
 
     name: ClassVar[str] = "decoder"
+    continues_state: ClassVar[bool] = False  # the KV cache is sized for one call's prompt + new tokens
     packs_segments: ClassVar[bool] = True
 
     @property

@@ -38,7 +38,7 @@ def rollout(model: str = "r1-distill-qwen-1.5b", batch: int = 256, prompt_len: i
     t0 = time.perf_counter()
     times = timed(run, iters=iters, warmup=1)
     generated = int(jnp.sum(out["r"].lengths))
-    prefill = timed(lambda: sampler._prefill(variables, tokens, mask)[1], iters=iters, warmup=0)
+    prefill = timed(lambda: sampler._prefill(variables, tokens, mask, None, None)[1], iters=iters, warmup=0)
     best = min(times)
     result = {"generated_tokens_per_s": generated / best, "seconds": best, "generated_tokens": generated,
               "prefill_seconds": min(prefill), "first_call_seconds": time.perf_counter() - t0 - sum(times)

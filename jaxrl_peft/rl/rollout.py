@@ -129,10 +129,12 @@ class Sampler:
         return jax.lax.with_sharding_constraint(
             state, treedef.unflatten([mesh_lib.logical_sharding(P(*a), self.mesh) for a in axes]))
 
-    def _prefill_fn(self, variables, tokens, mask):
+    def _prefill_fn(self, variables, tokens, mask, embeddings, state):
         b, p = tokens.shape
-        state = self._constrain_state(self.family.init_state(b, p + self.sampling.max_new_tokens))
-        logits, state = self.family.prefill(variables, state, tokens, mask)
+        if state is None:
+            state = self.family.init_state(b, p + self.sampling.max_new_tokens)
+        state = self._constrain_state(state)
+        logits, state = self.family.prefill(variables, state, tokens, mask, embeddings=embeddings)
         return logits, self._constrain_state(state)
 
     def _start_fn(self, logits, key, budgets, row_ids):
@@ -178,12 +180,19 @@ class Sampler:
         state, carry = jax.lax.while_loop(cond, body, (state, carry))
         return _rollout(carry), state
 
-    def _inputs(self, prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids) -> tuple[Array, ...]:
+    def _inputs(self, prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids, embeddings=None,
+                state=None) -> tuple[Any, ...]:
         """Checked, defaulted and placed (sharded with a mesh) arguments of one call."""
         prompt_tokens, prompt_mask = np.asarray(prompt_tokens, np.int32), np.asarray(prompt_mask, np.bool_)
         if prompt_tokens.ndim != 2 or prompt_tokens.shape != prompt_mask.shape:
             raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask {prompt_mask.shape} "
                              "must both be [batch, prompt_len]")
+        if embeddings is not None and tuple(embeddings.shape[:2]) != prompt_tokens.shape:
+            raise ValueError(f"embeddings {tuple(embeddings.shape)} must be [batch, prompt_len, dim] with "
+                             f"[batch, prompt_len] = {prompt_tokens.shape}")
+        if state is not None and not self.family.continues_state:
+            raise ValueError(f"the {self.family.name} family cannot continue from a previous call's state "
+                             "(its decode state grows with the sequence): feed the whole conversation instead")
         b = prompt_tokens.shape[0]
         n = self.sampling.max_new_tokens
         if stop_tokens is None:
@@ -194,34 +203,44 @@ class Sampler:
         row_ids = offset + np.arange(b, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32)
         inputs = (prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
         if self.mesh is not None:
-            return tuple(mesh_lib.host_batch(x, self.mesh) for x in inputs)
-        return tuple(jnp.asarray(x) for x in inputs)
+            inputs = tuple(mesh_lib.host_batch(x, self.mesh) for x in inputs)
+            if embeddings is not None and not isinstance(embeddings, jax.Array):
+                embeddings = mesh_lib.host_batch(np.asarray(embeddings), self.mesh)
+        else:
+            inputs = tuple(jnp.asarray(x) for x in inputs)
+        return (*inputs, embeddings, state)
 
     def __call__(self, variables: dict, prompt_tokens: Array, prompt_mask: Array, key: Array,
                  stop_tokens: Array | None = None, budgets: Array | None = None,
-                 row_ids: Array | None = None, return_state: bool = False) -> Rollout | tuple[Rollout, Any]:
+                 row_ids: Array | None = None, return_state: bool = False, embeddings: Array | None = None,
+                 state: Any = None) -> Rollout | tuple[Rollout, Any]:
         """stop_tokens: [B, S] per-row stop ids (pad with -1), default the sampler's list for every row;
         budgets: [B] per-row maximum new tokens (<= max_new_tokens); row_ids: [B] RNG stream per row
         (default: the row's index in the global batch). return_state: also return the decode state after
         each row's last token (RWKV-7: exactly; a finished row's state stops at its stop token).
+        embeddings: [B, P, D] input embeddings fed in place of the prompt tokens' (multimodal prompts: the
+        encoder outputs spliced in); the tokens still say which ids the positions hold.
+        state: start from this decode state instead of an empty one (a previous call's returned state:
+        the next turn of a chat feeds only its new tokens); families with `continues_state` only.
 
         With a mesh, the arguments are this host's rows (every host calls with the same number of rows;
         with one process, all rows) and the returned arrays are the global batch, sharded over the
         batch axes: `mesh.local_rows` gives this host's rows back."""
-        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids = self._inputs(
-            prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
-        logits, state = self._prefill(variables, prompt_tokens, prompt_mask)
+        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids, embeddings, state = self._inputs(
+            prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids, embeddings, state)
+        logits, state = self._prefill(variables, prompt_tokens, prompt_mask, embeddings, state)
         out, state = self._decode(variables, state, logits, key, stop_tokens, budgets, row_ids)
         return (out, state) if return_state else out
 
     def stream(self, variables: dict, prompt_tokens: Array, prompt_mask: Array, key: Array,
                on_step: Callable[[Step], None], stop_tokens: Array | None = None,
-               budgets: Array | None = None, row_ids: Array | None = None) -> tuple[Rollout, Any]:
+               budgets: Array | None = None, row_ids: Array | None = None, embeddings: Array | None = None,
+               state: Any = None) -> tuple[Rollout, Any]:
         """Like `__call__(..., return_state=True)` (the same tokens), one jitted step at a time: calls
         `on_step(Step)` after each decoded step (host arrays), for chat and for inspecting logits."""
-        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids = self._inputs(
-            prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids)
-        logits, state = self._prefill(variables, prompt_tokens, prompt_mask)
+        prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids, embeddings, state = self._inputs(
+            prompt_tokens, prompt_mask, stop_tokens, budgets, row_ids, embeddings, state)
+        logits, state = self._prefill(variables, prompt_tokens, prompt_mask, embeddings, state)
         carry = self._start(logits, key, budgets, row_ids)
         for index in range(self.sampling.max_new_tokens):
             if bool(jnp.all(carry[5])):
