@@ -312,17 +312,20 @@ def modality_embeddings(example: MultimodalExample, features: Sequence[jax.Array
     return jnp.concatenate([jnp.asarray(item) for item in features], axis=0)
 
 
-def splice(token_embeds: jax.Array, modality_embeds: jax.Array, modality_mask: jax.Array) -> jax.Array:
+def splice(token_embeds: jax.Array, modality_embeds: jax.Array, modality_mask: jax.Array,
+           counts: jax.Array | None = None) -> jax.Array:
     """Writes modality_embeds [..., N, C] into token_embeds [..., T, C] at the True slots of mask [..., T].
 
-    Slot j (in order) takes modality row j, like the reference's masked_scatter. Fixed shapes, so it
-    jits; when the mask is concrete a slot count other than N raises, naming both counts.
+    Slot j (in order) takes modality row j, like the reference's masked_scatter. `counts` [...]: how many
+    of the N rows are valid per row (variable-length audio; default all N). Fixed shapes, so it jits; when
+    the mask and counts are concrete, a slot count other than the valid rows' raises, naming both counts.
     """
-    if not isinstance(modality_mask, jax.core.Tracer):
-        counts = np.asarray(modality_mask).sum(axis=-1)
-        if np.any(counts != modality_embeds.shape[-2]):
-            raise ValueError(f"splice: the mask marks {np.unique(counts).tolist()} modality slot(s) per row but "
-                             f"{modality_embeds.shape[-2]} modality embeddings were given")
+    if not isinstance(modality_mask, jax.core.Tracer) and not isinstance(counts, jax.core.Tracer):
+        slots = np.asarray(modality_mask).sum(axis=-1)
+        want = np.full_like(slots, modality_embeds.shape[-2]) if counts is None else np.asarray(counts)
+        if np.any(slots != want):
+            raise ValueError(f"splice: the mask marks {np.unique(slots).tolist()} modality slot(s) per row but "
+                             f"{np.unique(want).tolist()} modality embeddings were given")
     if modality_embeds.shape[-2] == 0:
         return token_embeds
     index = jnp.clip(jnp.cumsum(modality_mask, axis=-1) - 1, 0, modality_embeds.shape[-2] - 1)  # [..., T]

@@ -33,13 +33,16 @@ Array = jax.Array
 FAMILIES: dict[str, str] = {
     "decoder": "jaxrl_peft.models.family:load_decoder",
     "rwkv7": "rwkv_jax.model:load_family",
+    "modrwkv": "rwkv_jax.modrwkv:load_family",
 }
 # A bare linen module's class ('module.Class') -> 'module:function' wrapping it as a Family.
 WRAPPERS: dict[str, str] = {
     "jaxrl_peft.models.transformer.Transformer": "jaxrl_peft.models.family:DecoderFamily",
     "rwkv_jax.model.RWKV7": "rwkv_jax.model:RWKV7Family",
+    "rwkv_jax.modrwkv.ModRWKV": "rwkv_jax.modrwkv:ModRWKVFamily",
 }
 RWKV7_ARCHITECTURE = "rwkv7-x070"  # config.json "architecture" of an RWKV-7 safetensors directory
+MODRWKV_ARCHITECTURE = "modrwkv"  # config.json "architecture" of a ModRWKV directory (rwkv_jax.modrwkv.save)
 
 
 @runtime_checkable
@@ -218,6 +221,8 @@ def detect(path: str | os.PathLike) -> str:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
     if isinstance(config, dict) and config.get("architecture") == RWKV7_ARCHITECTURE:
         return "rwkv7"
+    if isinstance(config, dict) and config.get("architecture") == MODRWKV_ARCHITECTURE:
+        return "modrwkv"
     hf.config_from_hf(config, str(cfg_file))  # names the file and field when it is no decoder either
     return "decoder"
 

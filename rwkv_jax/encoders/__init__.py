@@ -7,6 +7,7 @@ and returns a linen module whose `apply({'params': params}, inputs)` gives the f
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +60,30 @@ def register(model_type: str, loader: Loader) -> None:
 def read_config(path: str | Path) -> dict[str, Any]:
     """The config.json of a checkpoint directory, with errors that name the file."""
     return hf.read_config_json(path)[0]
+
+
+def build(hf_config: dict[str, Any], preprocessor: dict[str, Any] | None = None, *, dtype: Any = jnp.float32,
+          compute_dtype: Any = None, source: str = "config.json") -> tuple[nn.Module, jax.Array]:
+    """The encoder module an HF config describes, without weights, and an input of one item to trace it
+    with (`jax.eval_shape(module.init, key, example)` gives the parameter shapes). `preprocessor` is the
+    checkpoint's preprocessor_config.json (WavLM reads its normalisation from it)."""
+    model_type = hf_config.get("model_type")
+    dtype = jnp.dtype(dtype)
+    compute = jnp.dtype(compute_dtype or dtype)
+    if model_type in whisper.MODEL_TYPES or model_type in wavlm.MODEL_TYPES:
+        if compute != dtype:
+            raise ValueError(f"{source}: the audio encoders compute in their parameter dtype ({dtype.name})")
+    if model_type in whisper.MODEL_TYPES:
+        cfg = dataclasses.replace(whisper.config_from_hf(hf_config, source), dtype=dtype.name, param_dtype=dtype.name)
+        return whisper.WhisperEncoder(cfg), jnp.zeros((1, cfg.num_mel_bins, 2 * cfg.max_source_positions), dtype)
+    if model_type in wavlm.MODEL_TYPES:
+        cfg = dataclasses.replace(wavlm.config_from_hf(hf_config, source, preprocessor), dtype=dtype.name,
+                                  param_dtype=dtype.name)
+        return wavlm.WavLMEncoder(cfg), jnp.zeros((1, wavlm.min_samples(cfg)), dtype)
+    if model_type in LOADERS and LOADERS[model_type] is vit.load_from_config:
+        cfg = vit.config_from_hf(hf_config, source).replace(param_dtype=dtype.name, dtype=compute.name)
+        return vit.VisionEncoder(cfg), jnp.zeros((1, cfg.num_channels, cfg.image_size, cfg.image_size), compute)
+    raise CheckpointError(f"{source}: model_type {model_type!r} is not a supported encoder; known: {sorted(LOADERS)}")
 
 
 def load(path: str | Path, dtype: Any = jnp.float32, compute_dtype: Any = None,

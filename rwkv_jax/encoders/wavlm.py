@@ -393,7 +393,7 @@ def load_wavlm(path: str | os.PathLike, dtype: Any = jnp.float32,
     encoder = WavLMEncoder(cfg, peft=peft)
     index = TensorIndex(path)
     prefix = tensor_prefix(index, ("wavlm.", ""), "feature_projection.projection.weight", path)
-    samples = jnp.zeros((1, _min_samples(cfg)), dtype)
+    samples = jnp.zeros((1, min_samples(cfg)), dtype)
     abstract = jax.eval_shape(encoder.init, jax.random.key(0), samples)["params"]
     params, used = read_params(index, abstract, _tensor_source(index, prefix), dtype, path)
     used |= {prefix + name for name in _IGNORED}
@@ -401,7 +401,7 @@ def load_wavlm(path: str | os.PathLike, dtype: Any = jnp.float32,
     return encoder, params
 
 
-def _min_samples(config: WavLMEncoderConfig) -> int:
+def min_samples(config: WavLMEncoderConfig) -> int:
     """The fewest samples that give one output frame (to trace the module's shapes)."""
     samples = 1
     for kernel, stride in reversed(list(zip(config.conv_kernel, config.conv_stride))):
