@@ -168,14 +168,16 @@ class DecoderFamily:
 
     def prefill(self, variables: dict, state: Any, tokens: Array | None, mask: Array,
                 embeddings: Array | None = None) -> tuple[Array, Any]:
-        if embeddings is not None:
-            raise NotImplementedError("decoder family: prefill from input embeddings is not implemented "
-                                      "(the Transformer embeds its tokens itself); pass tokens")
-        p = tokens.shape[1]
+        tokens = None if embeddings is not None else tokens  # embeddings [B, P, D] win, as in RWKV-7
+        inputs = tokens if embeddings is None else embeddings
+        if inputs is None or inputs.shape[:2] != mask.shape:
+            raise ValueError(f"prefill needs tokens [B, P] or embeddings [B, P, D] matching mask {mask.shape}, "
+                             f"got {None if inputs is None else inputs.shape}")
+        p = mask.shape[1]
         kv_mask = jax.lax.dynamic_update_slice(state["kv_mask"], mask.astype(jnp.bool_), (0, 0))
         positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
         logits, cache = self.module.apply(variables, tokens, positions=positions, cache=state["cache"],
-                                          cache_index=state["index"], kv_mask=kv_mask)
+                                          cache_index=state["index"], kv_mask=kv_mask, embeddings=embeddings)
         lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
         return logits[:, -1].astype(jnp.float32), {"cache": cache, "kv_mask": kv_mask,
                                                    "positions": state["positions"] + lengths,

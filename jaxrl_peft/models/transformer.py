@@ -230,6 +230,8 @@ def make_mask(q_positions: Array, kv_positions: Array, kv_valid: Array,
 class Transformer(nn.Module):
     """Decoder-only LM. `apply({'params': p[, 'adapter': a]}, tokens, ...) -> logits [B, T, V]`.
 
+    `embeddings` [B, T, D] may stand in for `tokens` (HF's `inputs_embeds`): they replace the token
+    embedding lookup (`embed`), so encoder outputs can be spliced in; everything after is unchanged.
     Without a cache: full causal forward over `tokens` [B, T] (left padding via `attention_mask`
     [B, T], packed sequences via `segment_ids` [B, T]); returns logits. With neither, attention is plain
     causal (right padding needs no mask: no real token attends to a later pad).
@@ -241,13 +243,30 @@ class Transformer(nn.Module):
     cfg: TransformerConfig
     peft: PeftMethod | None = None
 
-    @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, attention_mask: Array | None = None,
-                 segment_ids: Array | None = None, cache: Cache | None = None,
-                 cache_index: Array | int | None = None, kv_mask: Array | None = None,
-                 return_hidden: bool = False):
+    def setup(self):
         cfg = self.cfg
-        b, t = tokens.shape
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                                  param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft)
+
+    def embed(self, tokens: Array) -> Array:
+        """Token embeddings [B, T, D] (the first layer's input), for splicing other inputs into them."""
+        return self.embed_tokens(tokens)
+
+    @nn.compact
+    def __call__(self, tokens: Array | None, positions: Array | None = None,
+                 attention_mask: Array | None = None, segment_ids: Array | None = None,
+                 cache: Cache | None = None, cache_index: Array | int | None = None,
+                 kv_mask: Array | None = None, return_hidden: bool = False, *,
+                 embeddings: Array | None = None):
+        cfg = self.cfg
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens [batch, time] and embeddings [batch, time, hidden]")
+        if embeddings is not None:
+            if embeddings.ndim != 3 or embeddings.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"embeddings must be [batch, time, {cfg.hidden_size}], got {embeddings.shape}")
+            b, t = embeddings.shape[:2]
+        else:
+            b, t = tokens.shape
         plain_causal = cache is None and attention_mask is None and segment_ids is None
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
@@ -264,9 +283,7 @@ class Transformer(nn.Module):
                 raise ValueError("decoding with a cache needs cache_index and kv_mask [batch, cache_size]")
             s = cache["k"].shape[2]
             mask = make_mask(cache_index + jnp.arange(t), jnp.arange(s), kv_mask.astype(jnp.bool_))
-        embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
-                      param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft, name="embed_tokens")
-        x = embed(tokens)
+        x = self.embed(tokens) if embeddings is None else embeddings.astype(jnp.dtype(cfg.dtype))
         if self.scanned():
             x, cache = self.scanned_layers(x, positions, mask, cache, cache_index)
         else:
@@ -279,7 +296,7 @@ class Transformer(nn.Module):
         if return_hidden:
             out = x
         elif cfg.tie_embeddings:
-            out = embed.attend(x)
+            out = self.embed_tokens.attend(x)
         else:
             out = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(cfg.dtype),
                          param_dtype=jnp.dtype(cfg.param_dtype), peft=self.peft, name="lm_head")(x)
@@ -387,8 +404,3 @@ def token_logprobs(model: Transformer, variables: dict, tokens: Array, chunk: in
     hidden = model.apply(variables, tokens, return_hidden=True, **kwargs)[:, :-1]  # [B, T-1, D]
     return chunked_token_logprobs(hidden, tokens[:, 1:], lambda h: head_logits(model.cfg, model.peft, variables, h),
                                   chunk=chunk, temperature=temperature, with_entropy=with_entropy)
-
-    lp, ent = jax.lax.map(lambda xs: one(*xs), (hidden, targets))  # [n_chunks, B, C]
-    lp = lp.swapaxes(0, 1).reshape(b, -1)[:, :n]
-    ent = ent.swapaxes(0, 1).reshape(b, -1)[:, :n] if with_entropy else None
-    return lp, ent
