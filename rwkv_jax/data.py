@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import threading
 import wave
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -420,16 +419,9 @@ def _stack_items(items: Sequence[np.ndarray], count: int, shape: tuple[int, ...]
     return out
 
 
-_TOKENIZER_LOCK = threading.Lock()
-
-
 def _tokenizer(config: PrepareConfig) -> Any:
-    """config.tokenizer, or the World tokenizer built once per process: the lock keeps reader threads from
-    building it concurrently (its vocab parsing uses `ast`, which CPython 3.11 cannot run in two threads)."""
-    if config.tokenizer is not None:
-        return config.tokenizer
-    with _TOKENIZER_LOCK:
-        return world_tokenizer()
+    """config.tokenizer, or the World tokenizer built once per process."""
+    return config.tokenizer if config.tokenizer is not None else world_tokenizer()
 
 
 def prepare(record: MultimodalRecord, config: PrepareConfig) -> dict[str, np.ndarray]:
@@ -449,7 +441,6 @@ def prepare(record: MultimodalRecord, config: PrepareConfig) -> dict[str, np.nda
     if record.images and record.audio:
         raise BadRecord(source, "unsupported", "holds both images and audio; ModRWKV takes one modality per sample")
     kind = "image" if record.images else "audio" if record.audio else None
-    items = record.images or record.audio
     out: dict[str, np.ndarray] = {}
     slots: dict[str, list[int]] = {"image": [], "audio": []}
     if config.image is not None:

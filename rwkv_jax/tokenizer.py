@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import threading
 from typing import Iterable
 
 VOCAB_FILE = os.path.join(os.path.dirname(__file__), "rwkv_vocab_v20230424.txt")
@@ -86,7 +87,16 @@ class WorldTokenizer:
         return self.decode_bytes(tokens).decode("utf-8", errors=errors)
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=1)
-def world_tokenizer() -> WorldTokenizer:
-    """The shipped World tokenizer, built once per process."""
+def _shipped() -> WorldTokenizer:
     return WorldTokenizer()
+
+
+def world_tokenizer() -> WorldTokenizer:
+    """The shipped World tokenizer, built once per process; thread-safe (grain reader threads call it, and
+    parsing the vocab with `ast` in two threads at once crashes CPython 3.11)."""
+    with _BUILD_LOCK:
+        return _shipped()

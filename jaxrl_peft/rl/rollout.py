@@ -9,7 +9,6 @@ one of its stop tokens or used its budget.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax

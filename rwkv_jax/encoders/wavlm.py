@@ -286,8 +286,6 @@ class WavLMEncoderLayer(nn.Module):
         attn = WavLMAttention(cfg, self.has_relative_position_bias, peft=self.peft, name="attention")
         norm = LayerNorm(cfg.layer_norm_eps, name="layer_norm", **kw)
         final_norm = LayerNorm(cfg.layer_norm_eps, name="final_layer_norm", **kw)
-        act = ACTIVATIONS[cfg.hidden_act]
-
         feed_forward = FeedForward(cfg, peft=self.peft, name="feed_forward")
         if cfg.do_stable_layer_norm:
             out, position_bias = attn(norm(x), position_bias, key_mask)

@@ -263,3 +263,25 @@ def test_mismatched_checkpoint_is_refused(vision, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config says"):
         modrwkv.load(tmp_path / "m")
+
+
+def test_chat_command_streams_two_turns(vision, tmp_path, capsys):
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("chat_cli", Path(__file__).parents[2] / "launch" / "chat.py")
+    chat_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat_cli)
+
+    family, params = vision
+    modrwkv.save(tmp_path / "m", family, params)
+    Image.fromarray(_images(1, seed=4)[0]).save(tmp_path / "photo.png")
+    code = chat_cli.main([f"--checkpoint={tmp_path / 'm'}", f"--image={tmp_path / 'photo.png'}",
+                          "--prompt=What is it?", "--prompt=Sure?", "--max_new_tokens=4"])
+    out = capsys.readouterr()
+    assert code == 0 and out.out.count("assistant> ") == 2
+    assert "tokens generated so far" in out.err
+    assert chat_cli.main([f"--checkpoint={tmp_path / 'nothing'}", "--prompt=hi"]) == 2
+    assert chat_cli.main([f"--checkpoint={tmp_path / 'm'}", f"--audio={tmp_path / 'photo.png'}", "--prompt=hi"]) == 2
+    assert "takes vision input" in capsys.readouterr().err
