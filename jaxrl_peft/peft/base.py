@@ -44,6 +44,17 @@ class PeftMethod:
     residual: ClassVar[bool] = False
     target_modules: tuple[str, ...] = ALL_LINEAR
 
+    def part(self, name: str) -> "PeftMethod":
+        """The method of the top-level part `name` of the parameter tree: a model builds that submodule
+        with it. A plain method covers every part itself; a composite (`parts`) gives each its own."""
+        del name
+        return self
+
+    def part_names(self) -> tuple[str, ...] | None:
+        """The top-level parts a composite method (`parts`) gives methods of their own, so that whole-tree
+        walks (registry, optimizer) run per part; None for a plain method, which sees the whole tree."""
+        return None
+
     def prepare(self, params: dict) -> "PeftMethod":
         """This method fitted to a model's parameter tree (VeRA sizes its shared projections here)."""
         del params

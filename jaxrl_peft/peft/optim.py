@@ -44,17 +44,33 @@ def drop_frozen(labels: dict) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def _preconditions(method: PeftMethod) -> bool:
+    """Whether `method` (or a part of a composite) preconditions gradients."""
+    names = method.part_names()
+    if names is not None:
+        return any(_preconditions(method.part(name)) for name in names)
+    return type(method).precondition is not PeftMethod.precondition
+
+
+def _precondition_tree(method: PeftMethod, updates: dict, params: dict) -> dict:
+    """`method.precondition` on every module of `updates`; a composite's parts each by their own method."""
+    if method.part_names() is not None:
+        return {k: _precondition_tree(method.part(k), v, params[k]) for k, v in updates.items()}
+    if not _preconditions(method):
+        return updates
+    return _map_modules(method.precondition, updates, params)
+
+
 def precondition(method: PeftMethod) -> optax.GradientTransformation:
     """Calls `method.precondition(module_grads, module_params)` on every module (LoRA-FA); needs params."""
-    fn = method.precondition
-    if type(method).precondition is PeftMethod.precondition:
+    if not _preconditions(method):
         return optax.identity()
 
     def update(updates, state, params=None):
         if params is None:
             raise ValueError(f"PEFT method {method.name!r}: the optimizer update needs the adapter params "
                              "(call tx.update(grads, state, adapter))")
-        return _map_modules(fn, updates, params), state
+        return _precondition_tree(method, updates, params), state
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 

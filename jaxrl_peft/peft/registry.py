@@ -5,6 +5,11 @@ when it holds a 1-D `scale` and a token embedding when it holds a 2-D `embedding
 Every other parameter leaf (a norm's bias, RWKV-7's token-shift mixes and decay vectors, ...) is of
 kind 'leaf': a method that lists 'leaf' in its kinds (full fine-tuning) gets it via `init_leaf`.
 
+A composite method (`parts.py`: a method of its own per top-level key of the tree, e.g. full fine-tuning
+for a connector and LoRA for the language model) is walked part by part: each part's subtree is a model
+of its own to its method (paths, target patterns and the stacked layout are relative to the part), and
+the results are nested under the part's key again.
+
 Decoder layers may be stacked: one top-level `layers` subtree whose leaves carry a leading layer axis (the model
 runs them under `nn.scan`). The walks below see such a tree layer by layer, with the unstacked paths
 `layers_<i>/...`, so methods, target patterns and keys are the same in both layouts; what they write
@@ -184,6 +189,39 @@ def _key_for(key: jax.Array, path: tuple[str, ...]) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF)
 
 
+def part_key(key: jax.Array, name: str) -> jax.Array:
+    """The key the part `name` of a composite method initialises with (its modules' keys then derive
+    from their paths inside the part, as for a model of its own)."""
+    return _key_for(key, (name,))
+
+
+def check_parts(method: PeftMethod, tree: Any, what: str = "parameters") -> tuple[str, ...] | None:
+    """The parts of a composite method, each checked to be a top-level subtree of `tree` (the params or
+    their logical axes); None for a plain method."""
+    names = method.part_names()
+    if names is None:
+        return None
+    tree = tree if isinstance(tree, dict) else {}
+    missing = [name for name in names if not isinstance(tree.get(name), dict)]
+    if missing:
+        raise ValueError(f"PEFT method {method.name!r}: part(s) {missing} are not top-level subtrees of the "
+                         f"model's {what}; its top-level keys are {sorted(tree)}")
+    return names
+
+
+def check_adapter_parts(method: PeftMethod, adapter: dict) -> tuple[str, ...] | None:
+    """The parts of a composite method, checked to name every top-level entry of `adapter` (or of a
+    tree shaped like it); None for a plain method."""
+    names = method.part_names()
+    if names is None:
+        return None
+    stray = [k for k in adapter if k not in names]
+    if stray:
+        raise ValueError(f"PEFT method {method.name!r}: the adapter holds top-level entries {stray} that are "
+                         f"none of its parts {list(names)}")
+    return names
+
+
 def _set(tree: dict, path: tuple[str, ...], leaf_name: str | None, value: Any) -> None:
     node = tree
     for p in path:
@@ -245,8 +283,20 @@ def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict
     params' equals params except where a residual method (PiSSA, MiLoRA) rewrote a base kernel.
     Each module's key is derived from its (unrolled) path, so the result does not depend on traversal
     order or on the layout. With stacked params the adapter is stacked too, unless it differs between
-    layers: then params' and the adapter both come back unrolled.
+    layers: then params' and the adapter both come back unrolled. A composite method initialises each
+    part on its own subtree with the key `part_key(key, part)`.
     """
+    names = check_parts(method, params)
+    if names is not None:
+        new_params, adapter = dict(params), {}
+        for name in names:
+            try:
+                new_params[name], part_adapter = init_adapter(method.part(name), part_key(key, name), params[name])
+            except ValueError as e:
+                raise ValueError(f"PEFT method {method.name!r}, part {name!r}: {e}") from e
+            if part_adapter:
+                adapter[name] = part_adapter
+        return new_params, adapter
     writes, adapter = [], {}
     for path, kind, mod in modules(params):
         if not method.targets(path, kind):
@@ -301,6 +351,9 @@ def _adapter_at(adapter: dict, path: tuple[str, ...]) -> dict | None:
 
 def merge(method: PeftMethod, params: dict, adapter: dict) -> dict:
     """Base params with every adapter folded in (for export as a plain HF checkpoint)."""
+    if check_adapter_parts(method, adapter) is not None:
+        check_parts(method, params)
+        return {k: merge(method.part(k), v, adapter[k]) if k in adapter else v for k, v in params.items()}
     if method.replaces_base():  # the trained copies are the weights (the base may hold placeholders)
         merged = method.model_variables(params, adapter)["params"]
         return jax.tree.map(lambda m, p: m.astype(p.dtype), merged, params)
@@ -325,6 +378,9 @@ def merge(method: PeftMethod, params: dict, adapter: dict) -> dict:
 def labels(method: PeftMethod, adapter: dict) -> dict:
     """Optimizer label per adapter leaf (same nesting as `adapter`); stacked leaves are labelled as
     one layer's (every layer gets the same labels)."""
+    if check_adapter_parts(method, adapter) is not None:
+        return {k: labels(method.part(k), v) for k, v in adapter.items()}
+
     def walk(node: dict, stacked: bool) -> dict:
         leaves = {k: v for k, v in node.items() if not isinstance(v, dict)}
         if stacked:
@@ -358,6 +414,10 @@ def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
     Stacked layers keep their leading 'layers' axis. Model-level leaves outside any module (VeRA's
     shared projections) get no names (replicated). A method whose adapter replaces the base weights
     (full fine-tuning) holds copies, which get the axes of the leaves they copy."""
+    if check_adapter_parts(method, adapter) is not None:
+        check_parts(method, param_axes, "logical axes")
+        return {k: adapter_axes(method.part(k), param_axes[k], v) for k, v in adapter.items()}
+
     def walk(axes_node: Any, adapter_node: dict, stacked: bool) -> dict:
         leaves = {k: v for k, v in adapter_node.items() if not isinstance(v, dict)}
         node: dict = {}
@@ -385,7 +445,11 @@ def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
 def drop_replaced(method: PeftMethod, params: dict, adapter: dict) -> dict:
     """`params` without the base weights that `method` replaces by full trainable copies in `adapter`
     (full fine-tuning): each becomes a scalar placeholder, so the run holds one copy of the model.
-    Only valid where nothing needs the base weights themselves (no reference policy)."""
+    Only valid where nothing needs the base weights themselves (no reference policy). A composite
+    method drops them in the parts whose method replaces them."""
+    if check_adapter_parts(method, adapter) is not None:
+        check_parts(method, params)
+        return {k: drop_replaced(method.part(k), v, adapter[k]) if k in adapter else v for k, v in params.items()}
     if not method.replaces_base():
         return params
 
