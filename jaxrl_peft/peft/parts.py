@@ -106,8 +106,10 @@ class Parts(PeftMethod):
             part, method = item
             if not isinstance(part, str) or not part or "/" in part:
                 raise ValueError(f"PEFT method 'parts': part names are top-level keys of the params, got {part!r}")
+            if any(part == seen for seen, _ in pairs):
+                raise ValueError(f"PEFT method 'parts': part {part!r} is named twice")
             pairs.append((part, _sub_method(part, method)))
-        object.__setattr__(self, "parts", tuple(sorted(pairs)))
+        object.__setattr__(self, "parts", tuple(sorted(pairs, key=lambda pair: pair[0])))
 
     # --- the parts --------------------------------------------------------------------------
     def part(self, name: str) -> PeftMethod:
