@@ -1,8 +1,9 @@
-"""One entry point for every training config; `config.task` names the task (grpo, sft).
+"""One entry point for every training config; `config.task` names the task (grpo, sft, modrwkv).
 
   python launch/train.py --config=configs/grpo_dora.py:tiny
   python launch/train.py --config=configs/grpo_dora.py --workdir=runs/dora --config.optim.learning_rate=2e-5
   python launch/train.py --config=configs/grpo_lora.py --dry_run --chips=4
+  python launch/train.py --config=configs/modrwkv.py:tiny          # ModRWKV: stage 1, then stage 2
   launch/tpu_pod.sh NAME ZONE configs/grpo_dora.py gs://BUCKET/runs/dora     # every host of a TPU pod
 """
 
@@ -16,6 +17,7 @@ from jaxrl_peft.models import hub
 from jaxrl_peft.models.safetensors_io import CheckpointError
 from jaxrl_peft.rl import grpo
 from jaxrl_peft.train import loop, memory, sft
+from rwkv_jax import modrwkv_task
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: a local path or an object store such as "
@@ -25,7 +27,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "build abstractly: print paramete
 _CHIPS = flags.DEFINE_integer("chips", None, "devices to estimate memory for (default: this host's)")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() (every host of a pod)")
 
-TASKS = {"grpo": grpo.GRPOTask, "sft": sft.SFTTask}
+TASKS = {"grpo": grpo.GRPOTask, "sft": sft.SFTTask, "modrwkv": modrwkv_task.ModRWKVTask}
 
 
 def main(argv) -> None:
@@ -40,6 +42,11 @@ def main(argv) -> None:
     if _MULTIHOST.value:
         jax.distributed.initialize()
     try:
+        if c.get("task", "grpo") == "modrwkv":  # its stages, each a run of the task on the training core
+            if _DRY_RUN.value:
+                raise loop.ConfigError("--dry_run estimates the decoder's memory; it does not cover ModRWKV yet")
+            modrwkv_task.train_stages(c, _WORKDIR.value or "runs/modrwkv")
+            return
         task = TASKS[c.get("task", "grpo")](c)
         if _DRY_RUN.value:
             for line in memory.estimate(c, _CHIPS.value).lines():

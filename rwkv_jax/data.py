@@ -557,12 +557,13 @@ class MultimodalPipeline:
     processes; 0 prepares in this process (with `read_threads` threads reading ahead). `iterator(state)`
     resumes exactly where `get_state()` of an earlier iterator left off (same records, config, seed, shard
     and num_workers: the state's layout depends on the worker count). `stats` counts what this object's
-    iterators screened since it was made; it is not part of the state.
+    iterators screened since it was made; it is not part of the state. `drop_remainder=False` keeps a
+    last, smaller batch (one pass for evaluation).
     """
 
     def __init__(self, records: Sequence[MultimodalRecord], config: PrepareConfig, batch_size: int, seed: int, *,
                  shard: tuple[int, int] | None = None, shuffle: bool = True, num_epochs: int | None = None,
-                 num_workers: int = 0, read_threads: int = 2, prefetch: int = 4):
+                 num_workers: int = 0, read_threads: int = 2, prefetch: int = 4, drop_remainder: bool = True):
         if batch_size < 1:
             raise ValueError(f"MultimodalPipeline: batch_size must be >= 1, got {batch_size}")
         if num_workers < 0 or read_threads < 0:
@@ -576,6 +577,7 @@ class MultimodalPipeline:
         if len(dataset) == 0:
             raise ValueError(f"MultimodalPipeline: shard {index}/{count} of {len(records)} records is empty")
         self.config, self.batch_size, self.num_workers = config, batch_size, num_workers
+        self.drop_remainder = drop_remainder
         self.shard_size = len(dataset)
         self.stats = PipelineStats()
         if shuffle:
@@ -593,7 +595,7 @@ class MultimodalPipeline:
             if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app their defaults hold
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=self.num_workers))
-        return ds.filter(self._screen).batch(self.batch_size, drop_remainder=True)
+        return ds.filter(self._screen).batch(self.batch_size, drop_remainder=self.drop_remainder)
 
     def iterator(self, state: dict[str, Any] | None = None) -> grain.DatasetIterator:
         """A batch iterator, positioned at `state` (an earlier iterator's get_state()) when given."""

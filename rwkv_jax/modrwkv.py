@@ -128,6 +128,12 @@ def _compact(embeds: Array, lengths: Array) -> Array:
     return jnp.take_along_axis(embeds.reshape(b, items * n, c), order[..., None], axis=1)
 
 
+def part_method(method: PeftMethod | None, part: str) -> PeftMethod | None:
+    """The method a top-level part ('encoder', 'compressor', 'adapter', 'llm') is built with: the part's own
+    under a per-part method (`peft.name='parts'`), else the one method of the whole model."""
+    return method.part(part) if method is not None and hasattr(method, "part") else method
+
+
 class ModRWKV(nn.Module):
     """encoder -> compressor (optional) -> adapter -> splice -> RWKV-7. Parameters: {'encoder',
     'compressor' (when compress), 'adapter', 'llm'}; the encoder is frozen unless a PEFT method targets it.
@@ -143,12 +149,12 @@ class ModRWKV(nn.Module):
 
     def setup(self):
         cfg = self.config
-        kw = dict(dtype=cfg.rwkv.dtype, param_dtype=cfg.rwkv.param_dtype, peft=self.peft)
+        kw = dict(dtype=cfg.rwkv.dtype, param_dtype=cfg.rwkv.param_dtype)
         if cfg.compress:
-            self.compressor = mm.VisionCompressor(**kw)
+            self.compressor = mm.VisionCompressor(peft=part_method(self.peft, "compressor"), **kw)
         adapter = mm.VisionAdapter if cfg.modality == "vision" else mm.AudioAdapter
-        self.adapter = adapter(cfg.rwkv.n_embd, cfg.adapter_ratio, **kw)
-        self.llm = rwkv.RWKV7(cfg.rwkv, peft=self.peft)
+        self.adapter = adapter(cfg.rwkv.n_embd, cfg.adapter_ratio, peft=part_method(self.peft, "adapter"), **kw)
+        self.llm = rwkv.RWKV7(cfg.rwkv, peft=part_method(self.peft, "llm"))
 
     def encode(self, inputs: Array, attention_mask: Array | None = None,
                item_mask: Array | None = None) -> tuple[Array, Array]:
@@ -228,7 +234,7 @@ def build_module(config: ModRWKVConfig, peft: PeftMethod | None = None) -> tuple
     """The module `config` describes and one modality item's example input."""
     encoder, example = encoders.build(config.encoder_hf, config.preprocessor, dtype=config.rwkv.param_dtype,
                                       compute_dtype=None if config.modality == "audio" else config.rwkv.dtype)
-    encoder = encoder.clone(peft=peft)
+    encoder = encoder.clone(peft=part_method(peft, "encoder"))
     return ModRWKV(config, encoder, peft=peft), example
 
 
@@ -272,7 +278,8 @@ class ModRWKVFamily:
         cfg = self.config
         if remat is not None:
             cfg = dataclasses.replace(cfg, rwkv=dataclasses.replace(cfg.rwkv, remat=remat))
-        return dataclasses.replace(self, module=ModRWKV(cfg, self.module.encoder.clone(peft=method), peft=method))
+        encoder = self.module.encoder.clone(peft=part_method(method, "encoder"))
+        return dataclasses.replace(self, module=ModRWKV(cfg, encoder, peft=method))
 
     def example_item(self) -> Array:
         return build_module(self.config)[1]

@@ -15,13 +15,14 @@ import optax
 from jaxrl_peft.peft import optim as peft_optim
 from jaxrl_peft.peft.base import PeftMethod
 
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "wsd")
 DECAY = ("all", "matrices")
 
 
 def schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 over `warmup_steps`, then constant or cosine decay to `end_learning_rate`
-    (default 0) at `total_steps`."""
+    """Linear warmup from 0 over `warmup_steps`, then constant, cosine decay to `end_learning_rate`
+    (default 0) at `total_steps`, or 'wsd' (warmup-stable-decay): constant, then a linear decay to
+    `end_learning_rate` over the last `decay_fraction` (default 0.1) of the steps."""
     if o.schedule not in SCHEDULES:
         raise ValueError(f"config optim.schedule must be one of {SCHEDULES}, got {o.schedule!r}")
     if o.learning_rate < 0 or o.warmup_steps < 0:
@@ -30,6 +31,14 @@ def schedule(o: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     end = o.get("end_learning_rate", 0.0)
     if o.schedule == "constant":
         main = optax.constant_schedule(o.learning_rate)
+    elif o.schedule == "wsd":
+        fraction = o.get("decay_fraction", 0.1)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"config optim.decay_fraction must be in (0, 1], got {fraction}")
+        span = max(1, total_steps - o.warmup_steps)
+        decay = max(1, round(fraction * span))
+        main = optax.join_schedules([optax.constant_schedule(o.learning_rate),
+                                     optax.linear_schedule(o.learning_rate, end, decay)], [span - decay])
     else:
         main = optax.cosine_decay_schedule(o.learning_rate, max(1, total_steps - o.warmup_steps),
                                            alpha=end / o.learning_rate if o.learning_rate else 0.0)
