@@ -73,6 +73,21 @@ class RWKV7Config:
         return {f: getattr(self, f) for f in _ARCH_FIELDS}
 
 
+# Released shapes, for benchmarks on random weights (checkpoints carry their own: `detect_config`).
+PRESETS: dict[str, RWKV7Config] = {
+    "rwkv7-0.1b": RWKV7Config(),
+    "rwkv7-1.5b": RWKV7Config(n_embd=2048, n_layer=24, dim_ffn=8192, decay_lora=96, iclr_lora=96,
+                              value_lora=64, gate_lora=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> RWKV7Config:
+    """The config of a released shape (`PRESETS`), with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown RWKV-7 preset {name!r}; known: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
 class RWKV7State(NamedTuple):
     """Recurrent state of all layers; its size does not depend on the sequence length."""
 
@@ -712,6 +727,11 @@ def abstract_params(config: RWKV7Config) -> Any:
                           jax.random.key(0))
 
 
+def init_params(config: RWKV7Config, key: jax.Array) -> Params:
+    """Random parameters (the official train_temp init), unboxed, in the layout `config.scan_layers` says."""
+    return nn.unbox(RWKV7(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
 def param_axes(config: RWKV7Config) -> Any:
     """The logical axis names of every weight (a tuple per leaf, nested like the params)."""
     specs = nn.get_partition_spec(abstract_params(config))
@@ -800,6 +820,16 @@ class RWKV7Family:
         logits, state = self.module.apply(variables, tokens[:, None], state, recurrent=True,
                                           mask=active[:, None])
         return logits[:, 0], state
+
+
+def preset_family(name: str, layers: int | None = None, dtype: str = "bfloat16", remat: bool = False,
+                  scan_layers: bool = True) -> tuple[RWKV7Family, Any]:
+    """A released shape with random weights as (RWKV7Family, init): init() draws the parameters (the
+    train benchmarks' model; `layers` overrides the depth)."""
+    config = preset(name, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), remat=remat,
+                    scan_layers=scan_layers)
+    config = dataclasses.replace(config, n_layer=layers or config.n_layer)
+    return RWKV7Family(RWKV7(config)), lambda: init_params(config, jax.random.key(0))
 
 
 def load_family(path: str, dtype: Dtype = jnp.float32, compute_dtype: Dtype | None = None,
