@@ -3,8 +3,11 @@
 Two modes with the same numbers: parallel (training, prefill; the WKV7 kernel) and recurrent (one
 token at a time, constant-size state), both able to skip masked (left-padding) steps exactly; official
 `.pth` / safetensors loading; `RWKV7Family`, this family's side of `jaxrl_peft.models.family` (the
-shared sampler decodes with it). Parameter names follow the official checkpoint (`blocks_3/att/receptance/kernel` is
-`blocks.3.att.receptance.weight` transposed).
+shared sampler decodes with it). Parameter names follow the official checkpoint: block 0 is `blocks_0`
+(`blocks_0/att/receptance/kernel` is `blocks.0.att.receptance.weight` transposed) and blocks 1 ... L-1
+are stacked under `blocks` for nn.scan (`blocks/att/receptance/kernel[i - 1]` is block i's); the
+per-layer PEFT paths are `blocks_<i>/...` in either layout (jaxrl_peft.peft.registry). Files on disk keep
+the official one-tensor-per-block layout (`params_from_official` stacks, `params_to_official` unstacks).
 """
 
 from __future__ import annotations
@@ -728,8 +731,14 @@ def abstract_params(config: RWKV7Config) -> Any:
 
 
 def init_params(config: RWKV7Config, key: jax.Array) -> Params:
-    """Random parameters (the official train_temp init), unboxed, in the layout `config.scan_layers` says."""
-    return nn.unbox(RWKV7(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    """Random parameters (the official train_temp init), unboxed, in the layout `config.scan_layers` says.
+
+    The same numbers in both layouts (drawn per named block, then stacked), so a seed gives the same
+    model whichever way its blocks run.
+    """
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    params = nn.unbox(RWKV7(unrolled).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    return registry.stack_layers(params) if config.scan_layers else params
 
 
 def param_axes(config: RWKV7Config) -> Any:

@@ -186,6 +186,18 @@ def stack_layers(tree: dict, count: int | None = None) -> dict:
     return out
 
 
+def axes_like(param_axes: dict, params: dict) -> dict:
+    """`param_axes` (a tuple of logical axis names per leaf, stacked layout) for `params` in the unrolled
+    layout (per-layer targets): each unrolled layer gets its stack's axes without the leading 'layers'."""
+    if is_stacked(params) or not _stacks(param_axes):
+        return param_axes
+    strip = lambda tree: jax.tree.map(lambda a: tuple(a[1:]), tree,  # noqa: E731
+                                      is_leaf=lambda x: isinstance(x, tuple))
+    out = {k: v for k, v in param_axes.items() if k not in STACKS}
+    out.update({k: strip(param_axes[stack_of(k)]) for k in params if stack_of(k) in param_axes})
+    return out
+
+
 # ------------------------------------------------------------------------------------------ walks
 
 def modules(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], str, dict]]:

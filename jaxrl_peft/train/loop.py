@@ -264,7 +264,8 @@ def build(task: Task, c: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
     params, adapter = peft.init_adapter(method, key, setup.params)
     if not setup.keep_base:
         params = peft.registry.drop_replaced(method, params, adapter)
-    param_axes, keep_initial = setup.param_axes, setup.keep_initial_adapter
+    # Per-layer targets unroll the layers: the axes follow the layout init_adapter returned.
+    param_axes, keep_initial = peft.registry.axes_like(setup.param_axes, params), setup.keep_initial_adapter
     del setup
     tx, sched = optimizer_lib.make(method, adapter, c.optim, c.steps * task.updates_per_batch)
     state = state_lib.TrainState(jnp.zeros((), jnp.int32), adapter, tx.init(adapter), method.init_state(adapter))

@@ -1,6 +1,7 @@
 """RWKV-7's scanned blocks (1 ... L-1 stacked under `blocks`, block 0 apart): the official round trip is
-exact in both layouts, scanned == unrolled (logits, states, gradients through an adapter), per-layer PEFT
-targets adapt only the chosen blocks, and a workdir written before the blocks were stacked is refused."""
+exact in both layouts, init is the same in both, scanned == unrolled (logits, states, gradients through an
+adapter), per-layer PEFT targets adapt only the chosen blocks (and train on the training core), and a
+workdir written before the blocks were stacked is refused."""
 
 import dataclasses
 from pathlib import Path
@@ -103,6 +104,23 @@ def test_stacked_official_round_trip_is_exact(tensors, stacked, tmp_path):
     assert jax.tree.structure(nn.unbox(rwkv_model.abstract_params(UNROLLED))) == jax.tree.structure(unrolled)
 
 
+def test_init_is_the_same_in_both_layouts():
+    """init_params draws per named block, so a seed gives the same numbers stacked or not; the scanned
+    module's own init (layer ids traced) gives the same official per-layer constants."""
+    params = rwkv_model.init_params(CFG, jax.random.key(0))
+    unrolled = rwkv_model.init_params(UNROLLED, jax.random.key(0))
+    assert "blocks" in params and "blocks_1" in unrolled
+    _equal_trees(registry.unstack_layers(params), unrolled)
+    own = nn.unbox(RWKV7(CFG).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    assert jax.tree.structure(own) == jax.tree.structure(params)
+    constants = [("att", n) for n in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "v0")]
+    for sub, name in constants + [("ffn", "x_k"), ("att", "ln_x")]:
+        want, got = params["blocks"][sub][name], own["blocks"][sub][name]
+        assert _max_diff(got, want) <= 1e-5, (sub, name)
+    np.testing.assert_allclose(own["blocks"]["att"]["ln_x"]["scale"][:, 0], [((i + 1) / 4) ** 0.7 for i in (1, 2, 3)],
+                               rtol=1e-6)
+
+
 def test_scanned_equals_unrolled_with_an_adapter(stacked):
     """Parallel and recurrent modes with left padding, from a nonzero state: logits, states and adapter
     gradients of the scanned blocks equal the unrolled ones."""
@@ -182,16 +200,41 @@ def test_residual_method_rewrites_stay_stacked(stacked):
     assert _max_diff(registry.merge(method, params, adapter), stacked) <= 1e-5
 
 
-def test_workdir_from_before_stacked_blocks_is_refused_clearly(tmp_path):
+ONE = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+EXAMPLES = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 11, 12, 2])]
+
+
+def _sft_config(checkpoint_dir, targets: tuple[str, ...], steps: int = 4):
     c = sft_configs.get_config("tiny")
-    c.model.checkpoint = str(TINY_RWKV7)
-    c.peft.hparams = dict(r=4, alpha=8, target_modules=("att/key", "att/value"))
+    c.model.checkpoint = str(checkpoint_dir)
+    c.peft.hparams = dict(r=4, alpha=8, target_modules=targets)
     c.sft.update(batch_size=2, micro_batch_size=1, seq_len=16)
+    c.optim.update(learning_rate=1e-2, warmup_steps=0)
     c.data.update(train="", heldout="")
-    c.steps, c.eval_every, c.checkpoint_every, c.log_every = 4, 0, 10, 100
-    one = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
-    examples = [([1, 5, 6], [7, 8, 2]), ([1, 9], [10, 11, 12, 2])]
-    run = loop.build(sft.SFTTask(c, examples), c, one)
+    c.steps, c.eval_every, c.checkpoint_every, c.log_every = steps, 0, 10, 100
+    return c
+
+
+def test_per_layer_targets_train(tmp_path):
+    """The training core places and trains an adapter on block 2 alone of a 3-block RWKV-7 (the params
+    come back unrolled, and the logical axes follow them)."""
+    ckpt = tmp_path / "rwkv7"
+    config = dataclasses.replace(CFG, vocab_size=768, n_layer=3)  # the tokenizer of assets/tiny-rwkv7
+    rwkv_model.save(str(ckpt), config, _noisy(rwkv_model.init_params(config, jax.random.key(0)), 1))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ckpt / name).write_bytes((TINY_RWKV7 / name).read_bytes())
+    c = _sft_config(ckpt, ("blocks_2/att/key",), steps=2)
+    run = loop.train(sft.SFTTask(c, EXAMPLES), c, tmp_path / "run", mesh=ONE)
+    assert sorted(run.frozen["base"]) == ["blocks_0", "blocks_1", "blocks_2", "emb", "head", "ln_out"]
+    adapter = jax.device_get(run.state.adapter)
+    assert sorted(adapter) == ["blocks_2"] and sorted(adapter["blocks_2"]["att"]) == ["key"]
+    _equal_trees(checkpoint.read_state(tmp_path / "run", 2)["adapter"], adapter)
+    assert np.any(np.asarray(adapter["blocks_2"]["att"]["key"]["lora_b"]) != 0)  # LoRA B starts at zero
+
+
+def test_workdir_from_before_stacked_blocks_is_refused_clearly(tmp_path):
+    c = _sft_config(TINY_RWKV7, ("att/key", "att/value"))
+    run = loop.build(sft.SFTTask(c, EXAMPLES), c, ONE)
     new = jax.device_get(run.state.adapter)
     old = registry.unstack_layers(new)  # the adapter tree as RWKV-7 workdirs held it before
     assert "blocks_1" in old and "blocks" in new and "blocks_0" in new
@@ -203,4 +246,4 @@ def test_workdir_from_before_stacked_blocks_is_refused_clearly(tmp_path):
     saver.close()
     with pytest.raises(loop.ConfigError, match=r"\(blocks_1 \.\.\.\): it was written before RWKV-7's blocks "
                                                r"1 \.\.\. L-1 were stacked.*registry\.stack_layers"):
-        loop.train(sft.SFTTask(c, examples), c, tmp_path, mesh=one)
+        loop.train(sft.SFTTask(c, EXAMPLES), c, tmp_path, mesh=ONE)
