@@ -3,6 +3,7 @@
   rollout: python launch/bench.py rollout --model=r1-distill-qwen-1.5b --batch=256 --prompt_len=256 --new_tokens=512
   train:   python launch/bench.py train --method=dora --batch=4 --seq=2048 --r=32
   compile: python launch/bench.py compile --model=r1-distill-qwen-1.5b --layers=28 --method=lora
+           python launch/bench.py compile --model=rwkv7-1.5b --layers=24 --method=lora   # RWKV-7 (rwkv_jax PRESETS)
   wkv7:    python launch/bench.py wkv7 --B=8 --T=4096 --H=32 --K=64
   reward:  python launch/bench.py reward
 """
@@ -35,7 +36,7 @@ def main(argv=None) -> None:
     t.add_argument("--iters", type=int, default=5)
     t.add_argument("--attention", default=None, help="xla | cudnn (default: cudnn on GPU)")
     c = sub.add_parser("compile", help="seconds to lower and compile one train step (abstract shapes, no weights)")
-    c.add_argument("--model", default="r1-distill-qwen-1.5b")
+    c.add_argument("--model", default="r1-distill-qwen-1.5b", help="a decoder preset, or an RWKV-7 one (rwkv7-*)")
     c.add_argument("--layers", type=int, default=None, help="default: the model's depth")
     c.add_argument("--method", default="lora")
     c.add_argument("--batch", type=int, default=4)
@@ -65,8 +66,12 @@ def main(argv=None) -> None:
                     bool(args.remat), args.iters, attention=args.attention)
     elif args.what == "compile":
         from jaxrl_peft.train import bench
+        from rwkv_jax import model as rwkv_model
+        rwkv = (rwkv_model.preset_family(args.model, args.layers, args.dtype, bool(args.remat), bool(args.scan))
+                if args.model.startswith("rwkv7") else None)
         bench.compile_benchmark(args.model, args.layers, args.method, args.batch, args.seq, args.r, args.alpha,
-                                args.dtype, bool(args.remat), bool(args.scan))
+                                args.dtype, bool(args.remat), bool(args.scan), model_family=rwkv,
+                                targets=rwkv_model.LINEAR_MODULES if rwkv else None)
     elif args.what == "wkv7":
         from rwkv_jax.kernels.wkv7 import benchmark
         benchmark.run(args.B, args.T, args.H, args.K, dtype=args.dtype, impl=args.impl)

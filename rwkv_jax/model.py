@@ -3,8 +3,11 @@
 Two modes with the same numbers: parallel (training, prefill; the WKV7 kernel) and recurrent (one
 token at a time, constant-size state), both able to skip masked (left-padding) steps exactly; official
 `.pth` / safetensors loading; `RWKV7Family`, this family's side of `jaxrl_peft.models.family` (the
-shared sampler decodes with it). Parameter names follow the official checkpoint (`blocks_3/att/receptance/kernel` is
-`blocks.3.att.receptance.weight` transposed).
+shared sampler decodes with it). Parameter names follow the official checkpoint: block 0 is `blocks_0`
+(`blocks_0/att/receptance/kernel` is `blocks.0.att.receptance.weight` transposed) and blocks 1 ... L-1
+are stacked under `blocks` for nn.scan (`blocks/att/receptance/kernel[i - 1]` is block i's); the
+per-layer PEFT paths are `blocks_<i>/...` in either layout (jaxrl_peft.peft.registry). Files on disk keep
+the official one-tensor-per-block layout (`params_from_official` stacks, `params_to_official` unstacks).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from jax.sharding import Mesh
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models import family as family_lib, hf, safetensors_io
 from jaxrl_peft.models.layers import chunked_token_logprobs, Embed, LayerNorm, Linear, adapted_gain
+from jaxrl_peft.peft import registry
 from jaxrl_peft.peft.base import PeftMethod
 from rwkv_jax.kernels.wkv7 import wkv7
 
@@ -59,6 +63,9 @@ class RWKV7Config:
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass (training memory)
+    # Blocks 1 ... L-1 under nn.scan with stacked parameters (compile time independent of depth); False
+    # unrolls them into blocks_1 ... blocks_{L-1} (the layout per-layer PEFT targets give).
+    scan_layers: bool = True
 
     @property
     def n_head(self) -> int:
@@ -67,6 +74,21 @@ class RWKV7Config:
     def arch_dict(self) -> dict[str, int]:
         """The architecture fields, as written to config.json."""
         return {f: getattr(self, f) for f in _ARCH_FIELDS}
+
+
+# Released shapes, for benchmarks on random weights (checkpoints carry their own: `detect_config`).
+PRESETS: dict[str, RWKV7Config] = {
+    "rwkv7-0.1b": RWKV7Config(),
+    "rwkv7-1.5b": RWKV7Config(n_embd=2048, n_layer=24, dim_ffn=8192, decay_lora=96, iclr_lora=96,
+                              value_lora=64, gate_lora=256),
+}
+
+
+def preset(name: str, **overrides: Any) -> RWKV7Config:
+    """The config of a released shape (`PRESETS`), with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown RWKV-7 preset {name!r}; known: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 class RWKV7State(NamedTuple):
@@ -210,10 +232,13 @@ class GroupNorm(nn.Module):
 
 
 class TimeMix(nn.Module):
-    """RWKV-7 time mixing (`att`): token shift, low-rank decay/iclr/value/gate MLPs, WKV7, ln_x."""
+    """RWKV-7 time mixing (`att`): token shift, low-rank decay/iclr/value/gate MLPs, WKV7, ln_x.
+
+    `first`: layer 0, whose value is v_first; the later layers mix v_first into theirs (v0, v1, v2).
+    """
 
     config: RWKV7Config
-    layer_id: int
+    first: bool = False
     peft: PeftMethod | None = None
 
     def _linear(self, name: str, features: int, axes: tuple[str, str], init=None) -> Linear:
@@ -230,14 +255,15 @@ class TimeMix(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, x_prev: jax.Array, wkv: jax.Array, v_first: jax.Array | None,
-                 recurrent: bool, mask: jax.Array | None = None
+                 layer_id: jax.Array | int, recurrent: bool, mask: jax.Array | None = None
                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """x [B, T, C] (ln1 output), x_prev [B, C], wkv [B, H, K, V], mask [B, T] (False: a step that
-        leaves the state unchanged, i.e. left padding).
+        leaves the state unchanged, i.e. left padding). `layer_id` (traced under nn.scan) only enters
+        the initialisers.
 
         Returns (out [B, T, C], new x_prev, new wkv, v_first).
         """
-        cfg, l = self.config, self.layer_id
+        cfg, l = self.config, layer_id
         B, T, C = x.shape
         H, N = cfg.n_head, cfg.head_size
         L = cfg.n_layer
@@ -267,7 +293,7 @@ class TimeMix(nn.Module):
         g = self._linear("g2", C, ("rank", "heads"), ortho)(
             jax.nn.sigmoid(self._linear("g1", cfg.gate_lora, ("embed", "rank"),
                                         nn.initializers.zeros)(xg)))
-        if l == 0:
+        if self.first:
             v_first = v
         else:
             v0 = self._vector("v0", _const(lambda n, C_: 0.73 - 0.4 * lin(n, C_)))
@@ -305,15 +331,14 @@ class ChannelMix(nn.Module):
     """RWKV-7 channel mixing (`ffn`): token shift, squared-ReLU MLP, no receptance gate."""
 
     config: RWKV7Config
-    layer_id: int
     peft: PeftMethod | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, x_prev: jax.Array,
+    def __call__(self, x: jax.Array, x_prev: jax.Array, layer_id: jax.Array | int,
                  mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """x [B, T, C] (ln2 output), x_prev [B, C], mask [B, T] -> (out [B, T, C], new x_prev)."""
         cfg = self.config
-        r10 = 1.0 - self.layer_id / cfg.n_layer
+        r10 = 1.0 - layer_id / cfg.n_layer
         x_k = self.param("x_k", nn.with_logical_partitioning(_ratio_mix(r10 ** 4), (None,)),
                          (cfg.n_embd,), cfg.param_dtype).astype(cfg.dtype)
         xx = token_shift(x, x_prev, mask) - x  # [B, T, C]
@@ -327,25 +352,33 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    """One RWKV-7 layer: (ln0 on layer 0), x += att(ln1(x)), x += ffn(ln2(x))."""
+    """One RWKV-7 layer: (ln0 on layer 0), x += att(ln1(x)), x += ffn(ln2(x)).
+
+    `first`: layer 0 (ln0; its value is v_first). `layer_id` (an int, or traced under nn.scan) only
+    enters the official initialisers.
+    """
 
     config: RWKV7Config
-    layer_id: int
+    first: bool = False
     peft: PeftMethod | None = None
 
     @nn.compact
-    def __call__(self, x, att_x_prev, wkv, ffn_x_prev, v_first, recurrent: bool, mask=None):
+    def __call__(self, x, att_x_prev, wkv, ffn_x_prev, v_first, layer_id, recurrent: bool, mask=None):
         cfg = self.config
         norm = lambda name: LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype,  # noqa: E731
                                       peft=self.peft, name=name)
-        if self.layer_id == 0:
+        if self.first:
             x = norm("ln0")(x)
-        h, att_x_prev, wkv, v_first = TimeMix(cfg, self.layer_id, self.peft, name="att")(
-            norm("ln1")(x), att_x_prev, wkv, v_first, recurrent, mask)
+        h, att_x_prev, wkv, v_first = TimeMix(cfg, self.first, self.peft, name="att")(
+            norm("ln1")(x), att_x_prev, wkv, v_first, layer_id, recurrent, mask)
         x = x + h
-        h, ffn_x_prev = ChannelMix(cfg, self.layer_id, self.peft, name="ffn")(norm("ln2")(x),
-                                                                            ffn_x_prev, mask)
+        h, ffn_x_prev = ChannelMix(cfg, self.peft, name="ffn")(norm("ln2")(x), ffn_x_prev, layer_id, mask)
         return x + h, att_x_prev, wkv, ffn_x_prev, v_first
+
+
+# The stacked subtree of blocks 1 ... L-1 (block 0 differs: ln0, no value residual; it stays `blocks_0`).
+STACK = "blocks"
+_REMAT_STATIC = (7,)  # Block.__call__'s `recurrent` (self counts as 0)
 
 
 class RWKV7(nn.Module):
@@ -356,6 +389,13 @@ class RWKV7(nn.Module):
     recurrent=True steps token by token (generation, normally with T = 1). Both start from `state`
     (zeros when None) and return the state after the last token. `mask` [B, T] marks the real
     steps: a masked step (left padding, a finished row) leaves the state exactly as it was.
+
+    Block 0 is its own module (`blocks_0`); blocks 1 ... L-1 run as one nn.scan over parameters
+    stacked under `blocks` with a leading axis named 'layers' (`blocks/att/key/kernel` [L-1, C, C]), so
+    compile time does not grow with depth. PEFT walks still address block i as `blocks_i/...`
+    (peft/registry.py). With `cfg.scan_layers=False`, or when given unrolled parameters (`blocks_1` ...
+    `blocks_{L-1}`, e.g. with an adapter whose targets differ by layer), the blocks run one by one: the
+    model follows the layout of the parameters it is applied to.
     """
 
     config: RWKV7Config
@@ -365,8 +405,13 @@ class RWKV7(nn.Module):
         cfg = self.config
         self.emb = Embed(cfg.vocab_size, cfg.n_embd, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          peft=self.peft, embedding_init=_sym_uniform(1e-4))
-        block = nn.remat(Block, static_argnums=(6,)) if cfg.remat else Block
-        self.blocks = [block(cfg, i, self.peft) for i in range(cfg.n_layer)]
+        block = nn.remat(Block, static_argnums=_REMAT_STATIC) if cfg.remat else Block
+        self.blocks_0 = block(cfg, first=True, peft=self.peft)
+        # Blocks 1 ... L-1: one module scanned over stacked params, or one module each (unrolled layout).
+        self.blocks = (nn.remat(Block, static_argnums=_REMAT_STATIC, prevent_cse=False) if cfg.remat
+                       else Block)(cfg, peft=self.peft)
+        for i in range(1, cfg.n_layer):
+            setattr(self, f"blocks_{i}", block(cfg, peft=self.peft))
         self.ln_out = LayerNorm(dtype=cfg.dtype, param_dtype=cfg.param_dtype, peft=self.peft)
         self.head = Linear(cfg.vocab_size, axes=("embed", "vocab"), dtype=cfg.dtype,
                            param_dtype=cfg.param_dtype, peft=self.peft,
@@ -393,17 +438,59 @@ class RWKV7(nn.Module):
         x = self.emb(tokens) if embeddings is None else embeddings.astype(cfg.dtype)
         if state is None:
             state = init_state(cfg, x.shape[0])
-        att_x, wkv, ffn_x = [], [], []
-        v_first = None
-        for i, block in enumerate(self.blocks):
-            x, ax, s, fx, v_first = block(x, state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i],
-                                          v_first, recurrent, mask)
-            att_x.append(ax)
-            wkv.append(s)
-            ffn_x.append(fx)
+        x, ax, s, fx, v_first = self.blocks_0(x, state.att_x_prev[0], state.wkv[0], state.ffn_x_prev[0], None,
+                                              0, recurrent, mask)
+        first = RWKV7State(ax[None], s[None], fx[None])  # [1, ...] each
+        if cfg.n_layer == 1:
+            rest = None
+        elif self.scanned():
+            x, rest = self.scanned_blocks(x, v_first, state, recurrent, mask)
+        else:
+            per_layer = []
+            for i in range(1, cfg.n_layer):
+                x, ax, s, fx, v_first = getattr(self, f"blocks_{i}")(
+                    x, state.att_x_prev[i], state.wkv[i], state.ffn_x_prev[i], v_first, i, recurrent, mask)
+                per_layer.append((ax, s, fx))
+            rest = RWKV7State(*(jnp.stack(t) for t in zip(*per_layer)))
+        new_state = first if rest is None else RWKV7State(*(jnp.concatenate(t) for t in zip(first, rest)))
         hidden = self.ln_out(x)
         out = hidden if return_hidden else self.logits_from_hidden(hidden)
-        return out, RWKV7State(jnp.stack(att_x), jnp.stack(wkv), jnp.stack(ffn_x))
+        return out, new_state
+
+    def scanned(self) -> bool:
+        """Whether blocks 1 ... L-1 run stacked under nn.scan: the config's choice at init, else the layout
+        of the parameters being applied (a clear error when the adapter's layout does not match)."""
+        if self.is_initializing():
+            return self.config.scan_layers
+        params, adapter = self.variables.get("params", {}), self.variables.get("adapter", {})
+        scanned = STACK in params
+        if scanned and any(registry.stack_of(k) == STACK for k in adapter):
+            raise ValueError("the adapter holds per-layer entries (blocks_1, ...) but the model's blocks 1 ... L-1 "
+                             "are stacked under 'blocks': convert the adapter with peft.registry.stack_layers (an "
+                             "adapter or workdir written before the blocks were scanned), or unroll the params "
+                             "with peft.registry.unstack_layers")
+        if not scanned and STACK in adapter:
+            raise ValueError("the adapter is stacked under 'blocks' but the model's parameters are unrolled "
+                             "(blocks_1, ...): convert one with peft.registry.stack_layers / unstack_layers")
+        return scanned
+
+    def scanned_blocks(self, x: jax.Array, v_first: jax.Array, state: RWKV7State, recurrent: bool,
+                       mask: jax.Array | None) -> tuple[jax.Array, RWKV7State]:
+        """Blocks 1 ... L-1 as one nn.scan over stacked parameters, adapters and per-layer states (remat
+        inside when cfg.remat); v_first is carried. Returns (x, their new states [L-1, ...])."""
+        L = self.config.n_layer
+
+        def body(block: Block, carry, xs):
+            x, v_first = carry
+            ax, s, fx, layer_id = xs
+            x, ax, s, fx, v_first = block(x, ax, s, fx, v_first, layer_id, recurrent, mask)
+            return (x, v_first), (ax, s, fx)
+
+        scan = nn.scan(body, variable_axes={"params": 0, "adapter": 0}, split_rngs={"params": True, "dropout": True},
+                       length=L - 1, metadata_params={nn.PARTITION_NAME: "layers"})
+        xs = (state.att_x_prev[1:], state.wkv[1:], state.ffn_x_prev[1:], jnp.arange(1, L))
+        (x, _), rest = scan(self.blocks, (x, v_first), xs)
+        return x, RWKV7State(*rest)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,12 +628,13 @@ def check_tensors(tensors: dict[str, np.ndarray], config: RWKV7Config, source: s
 
 def params_from_official(tensors: dict[str, np.ndarray], config: RWKV7Config,
                          dtype: Dtype = jnp.float32) -> Params:
-    """Official tensors (torch layout) -> the `params` tree of `RWKV7` (Linear kernels [in, out])."""
+    """Official tensors (torch layout) -> the `params` tree of `RWKV7` (Linear kernels [in, out]), blocks
+    1 ... L-1 stacked under `blocks` when `config.scan_layers` (stacked on the host, copied once)."""
     def arr(name, transpose=False, flat=False):
         x = np.asarray(tensors[name])
         x = x.T if transpose else x
         x = x.reshape(-1) if flat else x
-        return jnp.asarray(x.astype(dtype))
+        return x.astype(dtype)
 
     def norm(name):
         return {"scale": arr(name + ".weight"), "bias": arr(name + ".bias")}
@@ -574,19 +662,23 @@ def params_from_official(tensors: dict[str, np.ndarray], config: RWKV7Config,
         if i == 0:
             block["ln0"] = norm("blocks.0.ln0")
         params[f"blocks_{i}"] = block
-    return params
+    if config.scan_layers:
+        params = registry.stack_layers(params)
+    return jax.tree.map(jnp.asarray, params)
 
 
 def params_to_official(params: Params, config: RWKV7Config) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_official`: the official tensors (torch layout, (1, 1, C) vectors)."""
+    """Inverse of `params_from_official` (either layout): the official tensors (torch layout, (1, 1, C)
+    vectors), one per block."""
     shapes = official_shapes(config)
     out = {}
+    params = registry.unstack_layers(jax.device_get(params))
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [k.key for k in path]
         block = re.fullmatch(r"blocks_(\d+)", keys[0])
         mods = ([f"blocks.{block.group(1)}"] if block else [keys[0]]) + keys[1:-1]
         leaf_name = keys[-1]
-        x = np.asarray(jax.device_get(leaf))
+        x = np.asarray(leaf)
         if leaf_name == "kernel":
             name = ".".join(mods)
             if name + ".weight" in shapes:  # a torch Linear: [out, in]
@@ -636,6 +728,17 @@ def abstract_params(config: RWKV7Config) -> Any:
     """The boxed (logically partitioned) parameter shapes, without allocating anything."""
     return jax.eval_shape(lambda key: RWKV7(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"],
                           jax.random.key(0))
+
+
+def init_params(config: RWKV7Config, key: jax.Array) -> Params:
+    """Random parameters (the official train_temp init), unboxed, in the layout `config.scan_layers` says.
+
+    The same numbers in both layouts (drawn per named block, then stacked), so a seed gives the same
+    model whichever way its blocks run.
+    """
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    params = nn.unbox(RWKV7(unrolled).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+    return registry.stack_layers(params) if config.scan_layers else params
 
 
 def param_axes(config: RWKV7Config) -> Any:
@@ -727,6 +830,16 @@ class RWKV7Family:
         logits, state = self.module.apply(variables, tokens[:, None], state, recurrent=True,
                                           mask=active[:, None])
         return logits[:, 0], state
+
+
+def preset_family(name: str, layers: int | None = None, dtype: str = "bfloat16", remat: bool = False,
+                  scan_layers: bool = True) -> tuple[RWKV7Family, Any]:
+    """A released shape with random weights as (RWKV7Family, init): init() draws the parameters (the
+    train benchmarks' model; `layers` overrides the depth)."""
+    config = preset(name, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype), remat=remat,
+                    scan_layers=scan_layers)
+    config = dataclasses.replace(config, n_layer=layers or config.n_layer)
+    return RWKV7Family(RWKV7(config)), lambda: init_params(config, jax.random.key(0))
 
 
 def load_family(path: str, dtype: Dtype = jnp.float32, compute_dtype: Dtype | None = None,

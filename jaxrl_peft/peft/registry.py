@@ -10,11 +10,14 @@ for a connector and LoRA for the language model) is walked part by part: each pa
 of its own to its method (paths, target patterns and the stacked layout are relative to the part), and
 the results are nested under the part's key again.
 
-Decoder layers may be stacked: one top-level `layers` subtree whose leaves carry a leading layer axis (the model
-runs them under `nn.scan`). The walks below see such a tree layer by layer, with the unstacked paths
-`layers_<i>/...`, so methods, target patterns and keys are the same in both layouts; what they write
-back is stacked again. When a method's adapter differs between layers (per-layer targets),
-`init_adapter` returns the unrolled layout (`layers_0` ... `layers_{L-1}`), which the model also runs.
+Layers may be stacked: one top-level subtree (`STACKS`: the decoder's `layers`, RWKV-7's `blocks`) whose
+leaves carry a leading layer axis (the model runs them under `nn.scan`). The walks below see such a tree
+layer by layer, with the unstacked paths `layers_<i>/...` (`blocks_<i>/...`), so methods, target
+patterns and keys are the same in both layouts; what they write back is stacked again. A stack may
+start after layer 0: RWKV-7's block 0 differs from the others (ln0, no value residual) and stays
+`blocks_0` beside the stacked `blocks` (blocks 1 ... L-1). When a method's adapter differs between
+the stacked layers (per-layer targets), `init_adapter` returns the unrolled layout (`layers_0` ...
+`layers_{L-1}`), which the models also run.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from jaxrl_peft.peft.base import PeftMethod
 
 _METHODS: dict[str, type[PeftMethod]] = {"none": PeftMethod}
 
-# The subtree holding the stacked decoder layers, and the name of one unrolled layer.
-LAYERS = "layers"
-_LAYER_NAME = re.compile(r"layers_(\d+)")
+# The top-level subtrees that may hold stacked layers -> the index of the first layer they hold; the
+# unrolled layer i of stack `s` is named `s_<i>`, and the layers below the first stay unrolled.
+STACKS = {"layers": 0, "blocks": 1}  # the decoder's layers; RWKV-7's blocks 1 ... L-1 (block 0 differs)
+LAYERS = "layers"  # the decoder's
+_LAYER_NAME = re.compile(rf"({'|'.join(STACKS)})_(\d+)")
 
 
 def register(cls: type[PeftMethod]) -> type[PeftMethod]:
@@ -68,14 +73,32 @@ def methods() -> list[str]:
 # ------------------------------------------------------------------------ stacked <-> unrolled layers
 
 def layer_index(name: str) -> int | None:
-    """i for an unrolled layer's name 'layers_<i>', else None."""
+    """i for an unrolled layer's name 'layers_<i>' (or 'blocks_<i>'), else None."""
     match = _LAYER_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
+    return int(match.group(2)) if match else None
+
+
+def stack_of(name: str) -> str | None:
+    """The stacked subtree that holds the unrolled layer `name` in the stacked layout ('layers_3' ->
+    'layers', 'blocks_3' -> 'blocks'), or None (not a layer, or one below its stack's first: 'blocks_0')."""
+    match = _LAYER_NAME.fullmatch(name)
+    return match.group(1) if match and int(match.group(2)) >= STACKS[match.group(1)] else None
+
+
+def _stacks(tree: Any) -> list[str]:
+    """The stacked subtrees `tree` holds."""
+    return [k for k in STACKS if isinstance(tree.get(k), dict)] if isinstance(tree, dict) else []
 
 
 def is_stacked(tree: Any) -> bool:
-    """Whether `tree` holds its decoder layers stacked under one `layers` subtree."""
-    return isinstance(tree, dict) and isinstance(tree.get(LAYERS), dict)
+    """Whether `tree` holds layers stacked under a `STACKS` subtree (`layers`, `blocks`)."""
+    return bool(_stacks(tree))
+
+
+def _stack_len(tree: dict, stack: str) -> int:
+    """How many layers the stacked subtree `stack` of `tree` holds."""
+    leaves = jax.tree.leaves(tree[stack])
+    return int(jnp.shape(leaves[0])[0]) if leaves else 0
 
 
 def _take(leaf: Any, i: int) -> Any:
@@ -96,57 +119,87 @@ def _stack(leaves: list[Any]) -> Any:
 
 
 def layer_view(stacked: dict, i: int) -> dict:
-    """Layer i of a stacked `layers` subtree: the same nesting, each leaf without its layer axis."""
+    """Entry i of a stacked subtree: the same nesting, each leaf without its layer axis."""
     return jax.tree.map(lambda leaf: _take(leaf, i), stacked)
 
 
 def num_layers(tree: dict) -> int:
-    """The number of decoder layers in a parameter (or adapter) tree, in either layout."""
-    if is_stacked(tree):
-        leaves = jax.tree.leaves(tree[LAYERS])
-        return int(jnp.shape(leaves[0])[0]) if leaves else 0
+    """The number of layers in a parameter (or adapter) tree: in the stacked layout the layers up to the
+    stack's last (the unrolled ones below it included), else the unrolled layers present."""
+    stacks = _stacks(tree)
+    if stacks:
+        return STACKS[stacks[0]] + _stack_len(tree, stacks[0])
     return sum(1 for k in tree if layer_index(k) is not None)
 
 
 def unstack_layers(tree: dict) -> dict:
-    """The unrolled layout of `tree`: its `layers` subtree split into `layers_0` ... `layers_{L-1}`."""
-    if not is_stacked(tree):
+    """The unrolled layout of `tree`: a stacked subtree split into `layers_0` ... `layers_{L-1}` (RWKV-7:
+    `blocks` into `blocks_1` ... `blocks_{L-1}`, beside `blocks_0`)."""
+    stacks = _stacks(tree)
+    if not stacks:
         return tree
-    out = {k: v for k, v in tree.items() if k != LAYERS}
-    out.update({f"layers_{i}": layer_view(tree[LAYERS], i) for i in range(num_layers(tree))})
+    out = {k: v for k, v in tree.items() if k not in stacks}
+    for s in stacks:
+        first = STACKS[s]
+        out.update({f"{s}_{first + i}": layer_view(tree[s], i) for i in range(_stack_len(tree, s))})
     return out
 
 
+def _stackable(tree: dict) -> dict[str, list[int]]:
+    """The unrolled layers of `tree` that the stacked layout stacks: {stack: sorted layer indices}."""
+    found: dict[str, list[int]] = {}
+    for k in tree:
+        if (s := stack_of(k)) is not None:
+            found.setdefault(s, []).append(layer_index(k))
+    return {s: sorted(i) for s, i in found.items()}
+
+
 def layers_differ(tree: dict, count: int | None = None) -> str | None:
-    """Why the unrolled layers of `tree` cannot be stacked (a message), or None when they can."""
-    found = sorted(i for i in (layer_index(k) for k in tree) if i is not None)
-    if not found:
-        return None
-    count = len(found) if count is None else count
-    if found != list(range(count)):
-        return f"only layers {found} of {count} are present"
-    structs = [jax.tree.map(lambda x: (jnp.shape(x), jnp.dtype(x.dtype)), tree[f"layers_{i}"]) for i in found]
-    for i, s in enumerate(structs[1:], 1):
-        if jax.tree.structure(s) != jax.tree.structure(structs[0]) or s != structs[0]:
-            return f"layer {i} differs from layer 0"
+    """Why the unrolled layers of `tree` cannot be stacked (a message), or None when they can.
+
+    `count`: the model's number of layers (default: as many as are present)."""
+    for s, found in _stackable(tree).items():
+        first = STACKS[s]
+        n = first + len(found) if count is None else count
+        if found != list(range(first, n)):
+            return f"only layers {found} of {n} are present" + (f" ({s}_0 ... {s}_{first - 1} stay unrolled)"
+                                                               if first else "")
+        structs = [jax.tree.map(lambda x: (jnp.shape(x), jnp.dtype(x.dtype)), tree[f"{s}_{i}"]) for i in found]
+        for i, st in zip(found[1:], structs[1:]):
+            if jax.tree.structure(st) != jax.tree.structure(structs[0]) or st != structs[0]:
+                return f"layer {i} differs from layer {first}"
     return None
 
 
 def stack_layers(tree: dict, count: int | None = None) -> dict:
-    """The stacked layout of `tree`: `layers_0` ... `layers_{L-1}` joined into one `layers` subtree.
+    """The stacked layout of `tree`: `layers_0` ... `layers_{L-1}` joined into one `layers` subtree (RWKV-7:
+    `blocks_1` ... `blocks_{L-1}` into `blocks`; `blocks_0` stays).
 
     Also converts adapters and workdirs written before the layers were stacked. Raises when the
     layers differ (per-layer targets): such a tree stays unrolled.
     """
-    if is_stacked(tree) or not any(layer_index(k) is not None for k in tree):
+    stackable = _stackable(tree)
+    if is_stacked(tree) or not stackable:
         return tree
     why = layers_differ(tree, count)
     if why:
-        raise ValueError(f"cannot stack the decoder layers of this tree: {why} (per-layer targets keep the "
+        raise ValueError(f"cannot stack the layers of this tree: {why} (per-layer targets keep the "
                          "unrolled layout)")
-    count = num_layers(tree)
-    out = {k: v for k, v in tree.items() if layer_index(k) is None}
-    out[LAYERS] = jax.tree.map(lambda *xs: _stack(list(xs)), *[tree[f"layers_{i}"] for i in range(count)])
+    out = {k: v for k, v in tree.items() if stack_of(k) is None}
+    for s, found in stackable.items():
+        out[s] = jax.tree.map(lambda *xs: _stack(list(xs)), *[tree[f"{s}_{i}"] for i in found])
+    return out
+
+
+def axes_like(param_axes: dict, params: dict) -> dict:
+    """`param_axes` (a tuple of logical axis names per leaf, stacked layout) for `params` in the unrolled
+    layout (per-layer targets): each unrolled layer gets its stack's axes without the leading 'layers'."""
+    if is_stacked(params) or not _stacks(param_axes):
+        return param_axes
+    strip = lambda tree: jax.tree.map(lambda a: tuple(a[1:]), tree,  # noqa: E731
+                                      is_leaf=lambda x: isinstance(x, tuple))
+    out = {k: v for k, v in param_axes.items() if k not in STACKS}
+    out.update({k: strip(param_axes[stack_of(k)]) for k in params if stack_of(k) in param_axes})
     return out
 
 
@@ -165,9 +218,9 @@ def modules(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[st
     elif table is not None and jnp.ndim(table) == 2:
         yield path, "embedding", params
     for name, sub in params.items():
-        if name == LAYERS and not path and isinstance(sub, dict):
-            for i in range(num_layers(params)):
-                yield from modules(layer_view(sub, i), path + (f"layers_{i}",))
+        if name in STACKS and not path and isinstance(sub, dict):
+            for i in range(_stack_len(params, name)):
+                yield from modules(layer_view(sub, i), (f"{name}_{STACKS[name] + i}",))
         elif isinstance(sub, dict):
             yield from modules(sub, path + (name,))
 
@@ -176,9 +229,9 @@ def leaves(params: dict, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str
     """Yields (path, leaf) for every parameter leaf, the leaf's name last; stacked layers one layer at
     a time (path 'layers_<i>/...', leaves without the layer axis)."""
     for name, sub in params.items():
-        if name == LAYERS and not path and isinstance(sub, dict):
-            for i in range(num_layers(params)):
-                yield from leaves(layer_view(sub, i), path + (f"layers_{i}",))
+        if name in STACKS and not path and isinstance(sub, dict):
+            for i in range(_stack_len(params, name)):
+                yield from leaves(layer_view(sub, i), (f"{name}_{STACKS[name] + i}",))
         elif isinstance(sub, dict):
             yield from leaves(sub, path + (name,))
         else:
@@ -254,26 +307,22 @@ def _with_writes(params: dict, writes: list[tuple[tuple[str, ...], str, Any]]) -
     otherwise the copy comes back unrolled.
     """
     out = _copy(params)
-    if not is_stacked(params):
-        for path, leaf_name, value in writes:
-            _set(out, path, leaf_name, value)
-        return out
-    count = num_layers(params)
-    per_layer: dict[tuple[tuple[str, ...], str], dict[int, Any]] = {}
+    stacks = _stacks(params)
+    per_layer: dict[tuple[str, tuple[str, ...], str], dict[int, Any]] = {}
     for path, leaf_name, value in writes:
-        i = layer_index(path[0]) if path else None
-        if i is None:
+        s = stack_of(path[0]) if path else None
+        if s not in stacks:
             _set(out, path, leaf_name, value)
         else:
-            per_layer.setdefault((path[1:], leaf_name), {})[i] = value
-    if all(len(values) == count for values in per_layer.values()):
-        for (sub, leaf_name), values in per_layer.items():
-            _set(out, (LAYERS,) + sub, leaf_name, _stack([values[i] for i in range(count)]))
+            per_layer.setdefault((s, path[1:], leaf_name), {})[layer_index(path[0])] = value
+    if all(len(values) == _stack_len(params, s) for (s, _, _), values in per_layer.items()):
+        for (s, sub, leaf_name), values in per_layer.items():
+            _set(out, (s,) + sub, leaf_name, _stack([values[i] for i in sorted(values)]))
         return out
     out = unstack_layers(out)
-    for (sub, leaf_name), values in per_layer.items():
+    for (s, sub, leaf_name), values in per_layer.items():
         for i, value in values.items():
-            _set(out, (f"layers_{i}",) + sub, leaf_name, value)
+            _set(out, (f"{s}_{i}",) + sub, leaf_name, value)
     return out
 
 
@@ -336,15 +385,17 @@ def init_adapter(method: PeftMethod, key: jax.Array, params: dict) -> tuple[dict
 def _adapter_at(adapter: dict, path: tuple[str, ...]) -> dict | None:
     """The adapter leaves of the module at `path` (unrolled), from a stacked or an unrolled adapter."""
     node: Any = adapter
-    i = layer_index(path[0]) if path else None
-    if i is not None and is_stacked(adapter):
-        node, path = adapter[LAYERS], path[1:]
+    s = stack_of(path[0]) if path else None
+    stacked = s in _stacks(adapter)
+    if stacked:
+        i = layer_index(path[0]) - STACKS[s]
+        node, path = adapter[s], path[1:]
     for p in path:
         node = node.get(p) if isinstance(node, dict) else None
         if node is None:
             return None
     leaves = {k: v for k, v in node.items() if not isinstance(v, dict)}
-    if i is not None and is_stacked(adapter):
+    if stacked:
         leaves = {k: _take(v, i) for k, v in leaves.items()}
     return leaves or None
 
@@ -388,9 +439,9 @@ def labels(method: PeftMethod, adapter: dict) -> dict:
         out = dict(method.param_labels(leaves)) if leaves else {}
         out.update({k: walk(v, stacked) for k, v in node.items() if isinstance(v, dict)})
         return out
-    out = walk({k: v for k, v in adapter.items() if k != LAYERS}, False)
-    if is_stacked(adapter):
-        out[LAYERS] = walk(adapter[LAYERS], True)
+    stacks = _stacks(adapter)
+    out = walk({k: v for k, v in adapter.items() if k not in stacks}, False)
+    out.update({s: walk(adapter[s], True) for s in stacks})
     return out
 
 
@@ -437,7 +488,7 @@ def adapter_axes(method: PeftMethod, param_axes: dict, adapter: dict) -> dict:
         for k, v in adapter_node.items():
             if isinstance(v, dict):
                 sub = axes_node.get(k, {}) if isinstance(axes_node, dict) else {}
-                node[k] = walk(sub, v, stacked or (k == LAYERS and axes_node is param_axes))
+                node[k] = walk(sub, v, stacked or (k in STACKS and axes_node is param_axes))
         return node
     return walk(param_axes, adapter, False)
 

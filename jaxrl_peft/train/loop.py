@@ -264,7 +264,8 @@ def build(task: Task, c: ml_collections.ConfigDict, mesh: Mesh | None = None) ->
     params, adapter = peft.init_adapter(method, key, setup.params)
     if not setup.keep_base:
         params = peft.registry.drop_replaced(method, params, adapter)
-    param_axes, keep_initial = setup.param_axes, setup.keep_initial_adapter
+    # Per-layer targets unroll the layers: the axes follow the layout init_adapter returned.
+    param_axes, keep_initial = peft.registry.axes_like(setup.param_axes, params), setup.keep_initial_adapter
     del setup
     tx, sched = optimizer_lib.make(method, adapter, c.optim, c.steps * task.updates_per_batch)
     state = state_lib.TrainState(jnp.zeros((), jnp.int32), adapter, tx.init(adapter), method.init_state(adapter))
@@ -340,17 +341,19 @@ def train(task: Task, c: ml_collections.ConfigDict, workdir: str | os.PathLike |
 
 def _restore(checkpointer: ckpt_lib.Checkpointer, step: int, state: state_lib.TrainState, workdir: Any):
     """The checkpoint of `step`, or a clear error when its adapter tree is not this run's (a workdir
-    written before the decoder's layers were stacked holds `layers_<i>` keys)."""
+    written before the layers were stacked holds the decoder's `layers_<i>` or RWKV-7's `blocks_<i>` keys)."""
     try:
         return checkpointer.restore(step, _checkpoint_tree(state))
     except (ValueError, KeyError, TypeError) as e:
         saved = ckpt_lib.read_state(workdir, step)["adapter"]
         if jax.tree.structure(saved) == jax.tree.structure(jax.device_get(state.adapter)):
             raise
-        old = sorted(k for k in saved if k.startswith("layers_"))
-        hint = (f" It holds per-layer keys ({old[0]} ...): it was written before the decoder's layers were "
+        old = sorted(k for k in saved if peft.registry.stack_of(k) in state.adapter)
+        layers = ("the decoder's layers" if old and peft.registry.stack_of(old[0]) == peft.registry.LAYERS
+                  else "RWKV-7's blocks 1 ... L-1")
+        hint = (f" It holds per-layer keys ({old[0]} ...): it was written before {layers} were "
                 "stacked; convert its adapter with jaxrl_peft.peft.registry.stack_layers or start a new --workdir."
-                if old and "layers" in state.adapter else " Use the same config and code, or a new --workdir.")
+                if old else " Use the same config and code, or a new --workdir.")
         raise ConfigError(f"{workdir}: the checkpoint of step {step} holds a different adapter tree than this "
                           f"run builds.{hint}") from e
 

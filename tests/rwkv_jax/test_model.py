@@ -227,7 +227,7 @@ def test_bf16_checkpoint(tmp_path):
     for path in (tmp_path / "bf16.pth", tmp_path / "st"):
         _, params = load(str(path), dtype=jnp.float32, compute_dtype=jnp.bfloat16)
         want = sd["blocks.1.att.key.weight"].float().numpy().T
-        np.testing.assert_array_equal(np.asarray(params["blocks_1"]["att"]["key"]["kernel"]), want)
+        np.testing.assert_array_equal(np.asarray(params["blocks"]["att"]["key"]["kernel"][0]), want)  # block 1
     model, params = load(str(tmp_path / "st"), dtype=jnp.bfloat16)
     assert params["head"]["kernel"].dtype == jnp.bfloat16
     step = jax.jit(lambda p, x: model.apply({"params": p}, x, recurrent=True))
@@ -288,8 +288,9 @@ def test_init_matches_checkpoint_layout_and_applies(loaded, apply_p, tokens):
     shapes = lambda t: jax.tree.map(lambda x: x.shape, t)  # noqa: E731
     assert shapes(init_params) == shapes(params)
     specs = nn.get_partition_spec(variables["params"])
-    assert specs["blocks_1"]["att"]["receptance"]["kernel"] == P("embed", "heads")
-    assert specs["blocks_1"]["ffn"]["value"]["kernel"] == P("mlp", "embed")
+    assert specs["blocks_0"]["att"]["receptance"]["kernel"] == P("embed", "heads")
+    assert specs["blocks"]["att"]["receptance"]["kernel"] == P("layers", "embed", "heads")  # blocks 1 ... L-1
+    assert specs["blocks"]["ffn"]["value"]["kernel"] == P("layers", "mlp", "embed")
     assert specs["head"]["kernel"] == P("embed", "vocab")
     logits, state = apply_p(init_params, tokens, None, False)  # model.apply, peft=None
     assert logits.shape == (2, T, V) and isinstance(state, RWKV7State)

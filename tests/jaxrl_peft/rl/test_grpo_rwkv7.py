@@ -43,7 +43,7 @@ def test_family_load_dispatches_and_dtype_is_the_parameter_dtype(checkpoint):
     assert family.detect(checkpoint) == "rwkv7"
     fam, params = family.load(checkpoint, dtype=jnp.bfloat16, compute_dtype=jnp.float32)
     assert isinstance(fam, rwkv_model.RWKV7Family) and not fam.packs_segments
-    assert params["blocks_1"]["att"]["key"]["kernel"].dtype == jnp.bfloat16
+    assert params["blocks"]["att"]["key"]["kernel"].dtype == jnp.bfloat16
     assert fam.config.param_dtype == jnp.bfloat16 and fam.config.dtype == jnp.float32
     tok = fam.tokenizer()
     assert fam.stop_ids(tok) == [tok.eos_id]
