@@ -133,6 +133,7 @@ def _adapter(workdir, step):
     return [np.asarray(x) for x in jax.tree.leaves(ocp.PyTreeCheckpointer().restore(path)["adapter"])]
 
 
+@pytest.mark.slow  # three subprocess runs (minutes on 2 cores); tests/jaxrl_peft/rl/test_resume.py covers the core in CI
 def test_sigkill_and_resume_is_bit_exact(parts, tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(_cmd(parts, full), cwd=ROOT, env=_env(), check=True, capture_output=True, timeout=900)
