@@ -1,10 +1,12 @@
 """The Whisper audio encoder (ModRWKV's Whisper front end), loaded from a full Whisper checkpoint.
 
-The decoder's tensors are ignored; `save_hf` writes an encoder as a Whisper checkpoint directory that
-transformers and `load_whisper` read (the tiny embedded encoder ships that way). Outputs equal transformers' `WhisperEncoder` `last_hidden_state`;
-the valid length per row is what ModRWKV keeps of the 30 s window: `attention_mask.sum() // 2 + 1`
-frames (JL-er/WorldRWKV `whisper_encoder.py`). Also holds the checkpoint-reading helpers the audio encoders
-share (convolutions are `layers.Conv1D`, a `Linear` over unfolded windows, so PEFT methods reach them).
+The decoder's tensors are ignored. Outputs equal transformers' `WhisperEncoder` `last_hidden_state`;
+the valid length per row is what ModRWKV keeps of the window (30 s, or the checkpoint's chunk_length):
+`attention_mask.sum() // 2 + 1` frames (JL-er/WorldRWKV `whisper_encoder.py`). Also holds the
+checkpoint-reading helpers the audio encoders share (convolutions are `layers.Conv1D`, a `Linear` over
+unfolded windows, so PEFT methods reach them).
+`save_hf` writes an encoder as a Whisper checkpoint directory that transformers and `load_whisper` read
+(the tiny embedded encoder ships that way).
 """
 
 from __future__ import annotations
@@ -203,7 +205,7 @@ class WhisperEncoder(nn.Module):
         expected = 2 * cfg.max_source_positions
         if input_features.ndim != 3 or input_features.shape[1:] != (cfg.num_mel_bins, expected):
             raise ValueError(f"WhisperEncoder: input_features must be [batch, {cfg.num_mel_bins}, {expected}] "
-                             f"(log-mel padded to 30 s), got {input_features.shape}")
+                             f"(log-mel padded to the {expected / 100:g} s window), got {input_features.shape}")
         act = ACTIVATIONS["gelu"]
         x = jnp.swapaxes(input_features, 1, 2).astype(dtype)  # [B, frames, n_mels]
         x = act(Conv1D(cfg.d_model, (None, "embed"), True, kernel_size=3, stride=1, padding=1, name="conv1",
@@ -223,6 +225,17 @@ class WhisperEncoder(nn.Module):
         else:
             lengths = jnp.minimum(jnp.sum(attention_mask.astype(jnp.int32), axis=-1) // 2 + 1, frames)
         return x, lengths.astype(jnp.int32)
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's fixed sinusoidal positions [length, channels] (sin half, then cos half), as transformers
+    initialises `embed_positions`: the starting point of a new encoder."""
+    if channels % 2 or channels < 4:
+        raise ValueError(f"sinusoids: channels must be even and >= 4, got {channels}")
+    increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(-increment * np.arange(channels // 2, dtype=np.float32))
+    scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :].astype(np.float32)
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
 def _tensor_source(prefix: str) -> Callable[[tuple[str, ...]], tuple[str, Callable]]:
