@@ -302,6 +302,9 @@ def test_whisper_save_hf_round_trips_and_transformers_reads_it(tmp_path):
     # transformers reads the directory: the feature extractor of the 2 s window, the encoder's weights.
     extractor = WhisperFeatureExtractor.from_pretrained(tmp_path)
     assert (extractor.chunk_length, extractor.feature_size, extractor.nb_max_frames) == (2, 16, 200)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    fresh = WhisperFeatureExtractor(feature_size=16, chunk_length=2, return_attention_mask=True).to_dict()
+    assert saved == {k: fresh[k] for k in saved}  # the fields transformers itself would write
     clips = _clips([16000, 7000, 45000])
     ref_in = extractor(clips, sampling_rate=16000, return_attention_mask=True, return_tensors="np")
     features, mask = audio.whisper_features(clips, n_mels=16, chunk_seconds=2)
