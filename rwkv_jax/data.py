@@ -44,7 +44,6 @@ IMAGE_MARKER = "<image>"
 ASR_INSTRUCTION = "Transcribe the audio."
 # WavLM's feature-extractor convolutions (kernel, stride): 20 ms frames (WavLMEncoderConfig defaults).
 WAVLM_CONV = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
-WHISPER_ENCODER_FRAMES = audio_lib.WHISPER_CHUNK_SECONDS * SAMPLING_RATE // audio_lib.WHISPER_HOP // 2  # 1500
 
 Item = str | os.PathLike | np.ndarray
 
@@ -248,10 +247,12 @@ class AdapterLengths:
         raise ValueError(f"AdapterLengths: unknown modality {kind!r}; expected 'image' or 'audio'")
 
 
-def whisper_frames(samples: int) -> int:
-    """Encoder frames ModRWKV keeps of a Whisper window holding `samples` samples: mask.sum() // 2 + 1."""
-    mel_frames = min(-(-samples // audio_lib.WHISPER_HOP), 2 * WHISPER_ENCODER_FRAMES)
-    return min(mel_frames // 2 + 1, WHISPER_ENCODER_FRAMES)
+def whisper_frames(samples: int, chunk_seconds: int = audio_lib.WHISPER_CHUNK_SECONDS) -> int:
+    """Encoder frames ModRWKV keeps of a Whisper window (`chunk_seconds` long) holding `samples` samples:
+    mask.sum() // 2 + 1."""
+    window = audio_lib.whisper_mel_frames(chunk_seconds)
+    mel_frames = min(-(-samples // audio_lib.WHISPER_HOP), window)
+    return min(mel_frames // 2 + 1, window // 2)
 
 
 def wavlm_frames(samples: int, conv: Sequence[tuple[int, int]] = WAVLM_CONV) -> int:
@@ -269,8 +270,10 @@ class PrepareConfig:
     tokenizer: anything with `encode(str) -> list[int]`; None: the World tokenizer (built in each worker).
     image: the vision tower's preprocessing (`image.processor_config(path)`); None: records with images
         are rejected. image_encoder_tokens: encoder output tokens per image (VisionConfig.num_tokens).
-    audio: 'whisper' (log-mel features [n_mels, 3000]) or 'wavlm' (raw values padded to
-        max_audio_seconds); None: records with audio are rejected.
+    audio: 'whisper' (log-mel features [n_mels, 100 * whisper_chunk_seconds]) or 'wavlm' (raw values
+        padded to max_audio_seconds); None: records with audio are rejected.
+    whisper_chunk_seconds: the Whisper window (the checkpoint's preprocessor chunk_length, 30 s for
+        OpenAI's); max_audio_seconds may not exceed it.
     modality_length: (kind, encoder tokens or frames) -> slots the item fills in the text, or an int per
         kind ({'image': 288}); default: ModRWKV's connectors without the vision compressor.
     truncate: cut a conversation longer than T + 1 tokens (when no modality slot and not every target is
@@ -288,6 +291,7 @@ class PrepareConfig:
     wavlm_normalize: bool = True
     wavlm_conv: tuple[tuple[int, int], ...] = WAVLM_CONV
     max_audio_seconds: float = float(audio_lib.WHISPER_CHUNK_SECONDS)
+    whisper_chunk_seconds: int = audio_lib.WHISPER_CHUNK_SECONDS
     max_audio: int = 1
     max_audio_tokens: int | None = mm.MAX_AUDIO_TOKENS
     audio_marker: str = AUDIO_MARKER
@@ -304,9 +308,11 @@ class PrepareConfig:
                                  "image, VisionConfig.num_tokens) is required with an image config")
         if self.audio not in (None, "whisper", "wavlm"):
             raise ValueError(f"PrepareConfig.audio must be None, 'whisper' or 'wavlm', got {self.audio!r}")
-        if self.audio == "whisper" and self.max_audio_seconds > audio_lib.WHISPER_CHUNK_SECONDS:
-            raise ValueError(f"PrepareConfig.max_audio_seconds={self.max_audio_seconds}: Whisper takes at most "
-                             f"{audio_lib.WHISPER_CHUNK_SECONDS} s")
+        if self.audio == "whisper":
+            audio_lib.whisper_mel_frames(self.whisper_chunk_seconds)  # raises on a bad chunk
+            if self.max_audio_seconds > self.whisper_chunk_seconds:
+                raise ValueError(f"PrepareConfig.max_audio_seconds={self.max_audio_seconds}: Whisper takes at most "
+                                 f"whisper_chunk_seconds={self.whisper_chunk_seconds} s")
         if self.max_images < 1 or self.max_audio < 1:
             raise ValueError("PrepareConfig.max_images and max_audio must be >= 1")
 
@@ -401,8 +407,9 @@ def _audio_item(item: Item, config: PrepareConfig, source: str) -> tuple[np.ndar
         raise BadRecord(source, "too_long", f"audio {name} lasts {samples.size / SAMPLING_RATE:.2f} s, more than "
                                             f"max_audio_seconds={config.max_audio_seconds}")
     if config.audio == "whisper":
-        features, mask = audio_lib.whisper_features(samples, config.n_mels)
-        return features[0], mask[0], whisper_frames(samples.size)
+        chunk = config.whisper_chunk_seconds
+        features, mask = audio_lib.whisper_features(samples, config.n_mels, chunk_seconds=chunk)
+        return features[0], mask[0], whisper_frames(samples.size, chunk)
     frames = wavlm_frames(samples.size, config.wavlm_conv)
     if frames < 1:
         raise BadRecord(source, "bad_audio", f"audio {name} has {samples.size} samples, too few for one WavLM frame")
@@ -432,8 +439,8 @@ def prepare(record: MultimodalRecord, config: PrepareConfig) -> dict[str, np.nda
     configured modality, padded to the maximum item count:
       image: pixel_values [max_images, 3, H, W] f32, image_slots [max_images] i32 (text slots per image,
         0 = no item), image_count [] i32;
-      audio: audio_inputs [max_audio, n_mels, 3000] (whisper) or [max_audio, samples] (wavlm) f32,
-        audio_mask of the same shape without n_mels, i32, audio_frames [max_audio] i32 (valid encoder
+      audio: audio_inputs [max_audio, n_mels, 100 * whisper_chunk_seconds] (whisper) or [max_audio, samples]
+        (wavlm) f32, audio_mask of the same shape without n_mels, i32, audio_frames [max_audio] i32 (valid encoder
         frames), audio_slots [max_audio] i32, audio_count [] i32.
     Slots fill in item order: the first image_slots[0] True positions of the mask take image 0, and so on.
     """
@@ -456,7 +463,8 @@ def prepare(record: MultimodalRecord, config: PrepareConfig) -> dict[str, np.nda
         if config.max_audio_tokens is not None and any(n > config.max_audio_tokens for n in slots["audio"]):
             raise BadRecord(source, "too_long", f"audio gives {max(slots['audio'])} tokens, more than "
                                                 f"max_audio_tokens={config.max_audio_tokens}")
-        width = (config.n_mels, 2 * WHISPER_ENCODER_FRAMES) if config.audio == "whisper" else (config.audio_samples(),)
+        width = ((config.n_mels, audio_lib.whisper_mel_frames(config.whisper_chunk_seconds))
+                 if config.audio == "whisper" else (config.audio_samples(),))
         out["audio_inputs"] = _stack_items([d[0] for d in decoded], config.max_audio, width, np.float32)
         out["audio_mask"] = _stack_items([d[1] for d in decoded], config.max_audio, width[-1:], np.int32)
         out["audio_frames"] = _stack_items([d[2] for d in decoded], config.max_audio, (), np.int32)

@@ -344,7 +344,8 @@ class ModRWKVFamily:
     # -------------------------------------------------------------- preprocessing of raw inputs
     def preprocess(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
         """Images (paths, PIL images or HWC arrays) or audio (paths or 16 kHz waves) -> the encoder's
-        inputs {'inputs': [n, ...], 'attention_mask': [n, ...] (audio)}, as the HF processors make them."""
+        inputs {'inputs': [n, ...], 'attention_mask': [n, ...] (audio)}, as the HF processors make them
+        (Whisper: padded to the preprocessor's chunk_length, 30 s when it names none)."""
         cfg = self.config
         if cfg.modality == "vision":
             processor = image_lib.processor_config(cfg.preprocessor or {})
@@ -352,7 +353,9 @@ class ModRWKVFamily:
         waves = [audio_lib.read_audio(x)[0] if isinstance(x, (str, os.PathLike)) else np.asarray(x, np.float32)
                  for x in items]
         if cfg.encoder_kind == "whisper":
-            features, mask = audio_lib.whisper_features(waves, n_mels=cfg.encoder_hf["num_mel_bins"])
+            chunk = audio_lib.whisper_chunk_seconds(cfg.preprocessor, cfg.encoder_hf["max_source_positions"])
+            features, mask = audio_lib.whisper_features(waves, n_mels=cfg.encoder_hf["num_mel_bins"],
+                                                        chunk_seconds=chunk)
             return {"inputs": features, "attention_mask": mask}
         pre = cfg.preprocessor or {}
         values, mask = audio_lib.wavlm_inputs(waves, do_normalize=pre.get("do_normalize", True))

@@ -1,8 +1,8 @@
 """Audio front ends in numpy: Whisper's log-mel features, WavLM's input values, and file decoding.
 
-`whisper_features` reproduces `transformers.WhisperFeatureExtractor` (30 s padding, 25 ms Hann window,
-10 ms hop, Slaney mel filters, log10 with an 8-decade floor) so a checkpoint sees the inputs it was
-trained on without importing transformers at run time.
+`whisper_features` reproduces `transformers.WhisperFeatureExtractor` (padding to its `chunk_length`, 30 s
+by default; 25 ms Hann window, 10 ms hop, Slaney mel filters, log10 with an 8-decade floor) so a
+checkpoint sees the inputs it was trained on without importing transformers at run time.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ except ImportError:
 
 WHISPER_N_FFT = 400
 WHISPER_HOP = 160
-WHISPER_CHUNK_SECONDS = 30
+WHISPER_CHUNK_SECONDS = 30  # WhisperFeatureExtractor's default chunk_length
+WHISPER_SAMPLING_RATE = 16000
 
 
 def _hertz_to_mel(freq: np.ndarray) -> np.ndarray:
@@ -72,16 +73,50 @@ def _as_list(waves: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(w) for w in waves]
 
 
-def whisper_features(waves: np.ndarray | Sequence[np.ndarray], n_mels: int = 80,
-                     sampling_rate: int = 16000) -> tuple[np.ndarray, np.ndarray]:
-    """Whisper log-mel input: (input_features [B, n_mels, 3000] float32, attention_mask [B, 3000] int32).
+def whisper_mel_frames(chunk_seconds: int = WHISPER_CHUNK_SECONDS) -> int:
+    """Log-mel frames of a Whisper window of `chunk_seconds` (nb_max_frames: 3000 for 30 s); the encoder
+    takes them as [n_mels, frames] and gives half as many positions (max_source_positions)."""
+    if isinstance(chunk_seconds, bool) or not isinstance(chunk_seconds, (int, np.integer)) or chunk_seconds < 1:
+        raise ValueError(f"Whisper chunk_length must be a whole number of seconds >= 1, got {chunk_seconds!r}")
+    return int(chunk_seconds) * WHISPER_SAMPLING_RATE // WHISPER_HOP
 
-    Each clip is padded with silence (or cut) to 30 s; the mask marks the frames that start inside the clip.
+
+def whisper_chunk_seconds(preprocessor: dict | None, max_source_positions: int | None = None,
+                          source: str = "preprocessor_config.json") -> int:
+    """The window length (s) of a Whisper checkpoint: its preprocessor's chunk_length (30 when absent),
+    checked against the encoder's max_source_positions (= chunk_length * 50) when given."""
+    chunk = (preprocessor or {}).get("chunk_length", WHISPER_CHUNK_SECONDS)
+    try:
+        frames = whisper_mel_frames(chunk)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if max_source_positions is not None and frames != 2 * max_source_positions:
+        raise ValueError(f"{source}: chunk_length {chunk} s gives {frames} mel frames, but the encoder's "
+                         f"max_source_positions {max_source_positions} takes {2 * max_source_positions}")
+    return int(chunk)
+
+
+def whisper_preprocessor_config(n_mels: int = 80, chunk_seconds: int = WHISPER_CHUNK_SECONDS) -> dict:
+    """The preprocessor_config.json of a Whisper checkpoint whose features `whisper_features(waves, n_mels,
+    chunk_seconds=chunk_seconds)` gives: WhisperFeatureExtractor's saved fields."""
+    frames = whisper_mel_frames(chunk_seconds)
+    return {"feature_extractor_type": "WhisperFeatureExtractor", "feature_size": int(n_mels),
+            "sampling_rate": WHISPER_SAMPLING_RATE, "hop_length": WHISPER_HOP, "n_fft": WHISPER_N_FFT,
+            "chunk_length": int(chunk_seconds), "n_samples": frames * WHISPER_HOP, "nb_max_frames": frames,
+            "padding_side": "right", "padding_value": 0.0, "return_attention_mask": True, "dither": 0.0}
+
+
+def whisper_features(waves: np.ndarray | Sequence[np.ndarray], n_mels: int = 80, sampling_rate: int = 16000,
+                     chunk_seconds: int = WHISPER_CHUNK_SECONDS) -> tuple[np.ndarray, np.ndarray]:
+    """Whisper log-mel input: (input_features [B, n_mels, F] float32, attention_mask [B, F] int32), with
+    F = chunk_seconds * 100 (3000 for Whisper's 30 s; WhisperFeatureExtractor(chunk_length=chunk_seconds)).
+
+    Each clip is padded with silence (or cut) to the chunk; the mask marks the frames that start inside the clip.
     """
-    if sampling_rate != 16000:
+    if sampling_rate != WHISPER_SAMPLING_RATE:
         raise ValueError(f"whisper_features: Whisper expects 16000 Hz audio, got sampling_rate={sampling_rate}")
-    n_samples = WHISPER_CHUNK_SECONDS * sampling_rate
-    n_frames = n_samples // WHISPER_HOP
+    n_frames = whisper_mel_frames(chunk_seconds)
+    n_samples = n_frames * WHISPER_HOP
     batch, counts = _pad_batch(_as_list(waves), n_samples)
     half = WHISPER_N_FFT // 2
     padded = np.pad(batch, ((0, 0), (half, half)), mode="reflect")  # centred frames, as torch.stft does

@@ -1,15 +1,20 @@
 """The Whisper audio encoder (ModRWKV's Whisper front end), loaded from a full Whisper checkpoint.
 
 The decoder's tensors are ignored. Outputs equal transformers' `WhisperEncoder` `last_hidden_state`;
-the valid length per row is what ModRWKV keeps of the 30 s window: `attention_mask.sum() // 2 + 1`
-frames (JL-er/WorldRWKV `whisper_encoder.py`). Also holds the checkpoint-reading helpers the audio encoders
-share (convolutions are `layers.Conv1D`, a `Linear` over unfolded windows, so PEFT methods reach them).
+the valid length per row is what ModRWKV keeps of the window (30 s, or the checkpoint's chunk_length):
+`attention_mask.sum() // 2 + 1` frames (JL-er/WorldRWKV `whisper_encoder.py`). Also holds the
+checkpoint-reading helpers the audio encoders share (convolutions are `layers.Conv1D`, a `Linear` over
+unfolded windows, so PEFT methods reach them).
+`save_hf` writes an encoder as a Whisper checkpoint directory that transformers and `load_whisper` read
+(the tiny embedded encoder ships that way).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -17,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_peft.models.layers import Conv1D, LayerNorm, Linear, conv_kernel
+from jaxrl_peft.models.layers import Conv1D, LayerNorm, Linear, conv_kernel, conv_weight
 from jaxrl_peft.models import hf as hf_io
-from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex
+from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex, save_safetensors
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.peft.registry import nest
+from rwkv_jax.encoders import audio as audio_lib
 
 MODEL_TYPES = ("whisper",)
 
@@ -199,7 +205,7 @@ class WhisperEncoder(nn.Module):
         expected = 2 * cfg.max_source_positions
         if input_features.ndim != 3 or input_features.shape[1:] != (cfg.num_mel_bins, expected):
             raise ValueError(f"WhisperEncoder: input_features must be [batch, {cfg.num_mel_bins}, {expected}] "
-                             f"(log-mel padded to 30 s), got {input_features.shape}")
+                             f"(log-mel padded to the {expected / 100:g} s window), got {input_features.shape}")
         act = ACTIVATIONS["gelu"]
         x = jnp.swapaxes(input_features, 1, 2).astype(dtype)  # [B, frames, n_mels]
         x = act(Conv1D(cfg.d_model, (None, "embed"), True, kernel_size=3, stride=1, padding=1, name="conv1",
@@ -219,6 +225,17 @@ class WhisperEncoder(nn.Module):
         else:
             lengths = jnp.minimum(jnp.sum(attention_mask.astype(jnp.int32), axis=-1) // 2 + 1, frames)
         return x, lengths.astype(jnp.int32)
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's fixed sinusoidal positions [length, channels] (sin half, then cos half), as transformers
+    initialises `embed_positions`: the starting point of a new encoder."""
+    if channels % 2 or channels < 4:
+        raise ValueError(f"sinusoids: channels must be even and >= 4, got {channels}")
+    increment = np.log(max_timescale) / (channels // 2 - 1)
+    inv_timescales = np.exp(-increment * np.arange(channels // 2, dtype=np.float32))
+    scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :].astype(np.float32)
+    return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
 def _tensor_source(prefix: str) -> Callable[[tuple[str, ...]], tuple[str, Callable]]:
@@ -251,3 +268,59 @@ def load_whisper(path: str | os.PathLike, dtype: Any = jnp.float32,
     params, used = read_params(index, abstract, _tensor_source(prefix), dtype, path)
     check_unexpected(index, used, prefix, path, "Whisper encoder")
     return encoder, params
+
+
+def config_to_hf(cfg: WhisperEncoderConfig) -> dict[str, Any]:
+    """An HF Whisper config.json for the encoder `cfg`; the decoder fields describe the smallest valid
+    decoder (one layer, a 4-token vocabulary), whose weights the directory does not hold."""
+    return {
+        "model_type": "whisper", "architectures": ["WhisperForConditionalGeneration"], "is_encoder_decoder": True,
+        "num_mel_bins": cfg.num_mel_bins, "d_model": cfg.d_model, "encoder_layers": cfg.encoder_layers,
+        "encoder_attention_heads": cfg.encoder_attention_heads, "encoder_ffn_dim": cfg.encoder_ffn_dim,
+        "max_source_positions": cfg.max_source_positions, "activation_function": cfg.activation_function,
+        "decoder_layers": 1, "decoder_attention_heads": cfg.encoder_attention_heads,
+        "decoder_ffn_dim": cfg.d_model, "max_target_positions": 8, "vocab_size": 4, "pad_token_id": 0,
+        "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1, "begin_suppress_tokens": None,
+        "suppress_tokens": None, "scale_embedding": False, "dropout": 0.0, "attention_dropout": 0.0,
+        "activation_dropout": 0.0, "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0, "use_cache": True,
+        "tie_word_embeddings": True, "dtype": jnp.dtype(cfg.param_dtype).name,
+    }
+
+
+def save_hf(path: str | os.PathLike, cfg: WhisperEncoderConfig, params: dict) -> None:
+    """Writes the encoder `params` as an HF Whisper checkpoint directory: config.json (`config_to_hf`),
+    model.safetensors (tensors under 'model.encoder.' in torch layout, the inverse of `load_whisper`) and
+    the preprocessor_config.json of a window of max_source_positions / 50 seconds."""
+    if cfg.max_source_positions % 50:
+        raise ValueError(f"save_hf: max_source_positions {cfg.max_source_positions} is not a whole number of "
+                         "seconds (50 positions per second)")
+    preprocessor = audio_lib.whisper_preprocessor_config(cfg.num_mel_bins, cfg.max_source_positions // 50)
+    encoder = WhisperEncoder(cfg)
+    features = jnp.zeros((1, cfg.num_mel_bins, 2 * cfg.max_source_positions), jnp.dtype(cfg.dtype))
+    abstract = jax.eval_shape(encoder.init, jax.random.key(0), features)["params"]
+    params = jax.device_get(nn.unbox(params))
+    source = _tensor_source("model.encoder.")
+    tensors = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract))[0]:
+        param_path = tuple(k.key for k in key_path)
+        value = params
+        for key in param_path:
+            if not isinstance(value, dict) or key not in value:
+                raise ValueError(f"save_hf: params have no {'/'.join(param_path)} (shape {tuple(leaf.shape)})")
+            value = value[key]
+        value = np.asarray(value, np.dtype(cfg.param_dtype))
+        if value.shape != tuple(leaf.shape):
+            raise ValueError(f"save_hf: {'/'.join(param_path)} has shape {value.shape}, the config gives "
+                             f"{tuple(leaf.shape)}")
+        name, _ = source(param_path)
+        if param_path[-1] == "kernel":
+            value = conv_weight(value, 3) if param_path[0] in ("conv1", "conv2") else np.ascontiguousarray(value.T)
+        tensors[name] = value
+    extra = len(jax.tree.leaves(params)) - len(tensors)
+    if extra:
+        raise ValueError(f"save_hf: params hold {extra} leaves the Whisper encoder of this config does not have")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2, sort_keys=True) + "\n")
+    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
+    save_safetensors(path / "model.safetensors", tensors)

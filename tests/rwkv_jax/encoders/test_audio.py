@@ -1,7 +1,9 @@
 """Audio encoders and front ends against transformers (tiny random Whisper / WavLM checkpoints, fp32 CPU)."""
 
+import dataclasses
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,16 +45,30 @@ def _at(tree, path):
 # ---------------------------------------------------------------------------------------------
 # Front ends
 
-@pytest.mark.parametrize("n_mels", [80, 128])
-def test_whisper_features_match_transformers(n_mels):
-    clips = _clips([16000, 8123, 40000, 31 * 16000 + 77])  # the last is cut to 30 s
-    ref = WhisperFeatureExtractor(feature_size=n_mels)(clips, sampling_rate=16000, return_attention_mask=True,
-                                                       return_tensors="np")
-    features, mask = audio.whisper_features(clips, n_mels=n_mels)
-    assert features.shape == (4, n_mels, 3000) and features.dtype == np.float32
+@pytest.mark.parametrize("n_mels,chunk", [(80, 30), (128, 30), (80, 4)])
+def test_whisper_features_match_transformers(n_mels, chunk):
+    clips = _clips([16000, 8123, 40000, 31 * 16000 + 77])  # the last is cut to the chunk
+    extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=chunk)
+    ref = extractor(clips, sampling_rate=16000, return_attention_mask=True, return_tensors="np")
+    kwargs = {} if chunk == 30 else {"chunk_seconds": chunk}  # 30 s is the default
+    features, mask = audio.whisper_features(clips, n_mels=n_mels, **kwargs)
+    frames = extractor.nb_max_frames
+    assert frames == 100 * chunk == audio.whisper_mel_frames(chunk)
+    assert features.shape == ref["input_features"].shape == (4, n_mels, frames) and features.dtype == np.float32
     assert np.abs(features - ref["input_features"]).max() <= TOL
     np.testing.assert_array_equal(mask, ref["attention_mask"])
-    assert list(mask.sum(1)) == [100, 51, 250, 3000]
+    assert list(mask.sum(1)) == [100, 51, min(250, frames), frames]
+
+
+def test_whisper_chunk_seconds_reads_and_checks_the_preprocessor():
+    assert audio.whisper_chunk_seconds(None) == 30
+    assert audio.whisper_chunk_seconds({"chunk_length": 4}, max_source_positions=200) == 4
+    with pytest.raises(ValueError, match="max_source_positions 1500"):
+        audio.whisper_chunk_seconds({"chunk_length": 4}, max_source_positions=1500)
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        audio.whisper_chunk_seconds({"chunk_length": 2.5})
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        audio.whisper_features(_clips([100]), chunk_seconds=0)
 
 
 @pytest.mark.parametrize("do_normalize", [True, False])
@@ -257,3 +273,62 @@ def test_lora_reaches_the_audio_encoders(tmp_path):
     kernel = ("encoder", "layers_0", "attention", "q_proj", "kernel")
     assert np.abs(_at(merged_params, kernel) - _at(params, kernel)).max() > 1e-2
     assert np.abs(np.asarray(adapted) - np.asarray(merged)).max() <= TOL
+
+
+def _random_encoder(seed, **overrides):
+    """Our WhisperEncoder with every leaf random (gains and biases too), so a misplaced tensor shows."""
+    fields = dict(num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=48,
+                  max_source_positions=100)
+    fields.update(overrides)
+    cfg = whisper.WhisperEncoderConfig(**fields)
+    shapes = jax.eval_shape(whisper.WhisperEncoder(cfg).init, jax.random.key(0),
+                            jnp.zeros((1, cfg.num_mel_bins, 2 * cfg.max_source_positions)))["params"]
+    leaves, treedef = jax.tree.flatten(nn.unbox(shapes))
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return cfg, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def test_whisper_save_hf_round_trips_and_transformers_reads_it(tmp_path):
+    cfg, params = _random_encoder(3)
+    whisper.save_hf(tmp_path, cfg, params)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "preprocessor_config.json", "model.safetensors"}
+    names = SafetensorsFile(tmp_path / "model.safetensors").keys()
+    assert all(n.startswith("model.encoder.") for n in names) and "model.encoder.conv1.weight" in names
+
+    encoder, loaded = whisper.load_whisper(tmp_path)
+    assert encoder.config == cfg
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded), jax.device_get(params))
+
+    # transformers reads the directory: the feature extractor of the 2 s window, the encoder's weights.
+    extractor = WhisperFeatureExtractor.from_pretrained(tmp_path)
+    assert (extractor.chunk_length, extractor.feature_size, extractor.nb_max_frames) == (2, 16, 200)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    fresh = WhisperFeatureExtractor(feature_size=16, chunk_length=2, return_attention_mask=True).to_dict()
+    assert saved == {k: fresh[k] for k in saved}  # the fields transformers itself would write
+    clips = _clips([16000, 7000, 45000])
+    ref_in = extractor(clips, sampling_rate=16000, return_attention_mask=True, return_tensors="np")
+    features, mask = audio.whisper_features(clips, n_mels=16, chunk_seconds=2)
+    assert np.abs(features - ref_in["input_features"]).max() <= TOL
+    np.testing.assert_array_equal(mask, ref_in["attention_mask"])
+    model = WhisperModel.from_pretrained(tmp_path).eval()  # the decoder is not in the directory: random
+    with torch.no_grad():
+        ref = model.encoder(torch.from_numpy(features)).last_hidden_state.numpy()
+    out, lengths = jax.jit(encoder.apply)({"params": loaded}, jnp.asarray(features), jnp.asarray(mask))
+    assert np.abs(ref).max() > 0.1 and np.abs(np.asarray(out) - ref).max() <= TOL
+    assert list(lengths) == [51, 23, 100]  # ceil(samples / 160) // 2 + 1, at most the 100 positions
+    hf_positions = model.encoder.embed_positions.weight.detach().numpy()
+    np.testing.assert_array_equal(hf_positions, np.asarray(params["embed_positions"]))  # read, not re-initialised
+
+
+def test_whisper_save_hf_rejects_bad_params(tmp_path):
+    cfg, params = _random_encoder(0)
+    with pytest.raises(ValueError, match="layers_1/fc1/kernel has shape"):
+        bad = jax.tree.map(lambda x: x, params)
+        bad["layers_1"]["fc1"]["kernel"] = bad["layers_1"]["fc1"]["kernel"][:, :-1]
+        whisper.save_hf(tmp_path, cfg, bad)
+    with pytest.raises(ValueError, match="no layer_norm/bias"):
+        bad = jax.tree.map(lambda x: x, params)
+        del bad["layer_norm"]["bias"]
+        whisper.save_hf(tmp_path, cfg, bad)
+    with pytest.raises(ValueError, match="whole number of seconds"):
+        whisper.save_hf(tmp_path, dataclasses.replace(cfg, max_source_positions=12), params)
