@@ -29,7 +29,7 @@ from jaxrl_peft.peft import registry
 from jaxrl_peft.rl import rollout
 from jaxrl_peft.train import loop
 from rwkv_jax import data, modrwkv, multimodal as mm
-from rwkv_jax.encoders import image as image_lib
+from rwkv_jax.encoders import audio as audio_lib, image as image_lib
 
 Array = jax.Array
 METRICS = {"qa": "heldout_accuracy", "asr": "heldout_wer", "loss": "heldout_loss"}
@@ -72,6 +72,9 @@ def prepare_config(family: modrwkv.ModRWKVFamily, tokenizer: Any, c: ml_collecti
     else:
         kw.update(audio=cfg.encoder_kind, n_mels=cfg.encoder_hf.get("num_mel_bins", 80),
                   max_audio_seconds=c.data.max_audio_seconds)
+        if cfg.encoder_kind == "whisper":  # the checkpoint's window (a tiny Whisper-style encoder: 4 s)
+            kw["whisper_chunk_seconds"] = audio_lib.whisper_chunk_seconds(
+                cfg.preprocessor, cfg.encoder_hf["max_source_positions"])
     return data.PrepareConfig(**kw)
 
 
