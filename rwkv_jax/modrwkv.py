@@ -35,7 +35,7 @@ from jaxrl_peft.models.safetensors_io import CheckpointError
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.peft.registry import nest
 from jaxrl_peft.rl import rollout
-from rwkv_jax import encoders, multimodal as mm
+from rwkv_jax import data, encoders, multimodal as mm
 from rwkv_jax import model as rwkv
 from rwkv_jax.encoders import audio as audio_lib, image as image_lib
 from rwkv_jax.tokenizer import WorldTokenizer, world_tokenizer
@@ -343,15 +343,14 @@ class ModRWKVFamily:
 
     # -------------------------------------------------------------- preprocessing of raw inputs
     def preprocess(self, items: Sequence[Any]) -> dict[str, np.ndarray]:
-        """Images (paths, PIL images or HWC arrays) or audio (paths or 16 kHz waves) -> the encoder's
+        """Images (paths, PIL images or HWC arrays) or audio (paths at any rate, or 16 kHz waves) -> the encoder's
         inputs {'inputs': [n, ...], 'attention_mask': [n, ...] (audio)}, as the HF processors make them
         (Whisper: padded to the preprocessor's chunk_length, 30 s when it names none)."""
         cfg = self.config
         if cfg.modality == "vision":
             processor = image_lib.processor_config(cfg.preprocessor or {})
             return {"inputs": image_lib.preprocess(list(items), processor)}
-        waves = [audio_lib.read_audio(x)[0] if isinstance(x, (str, os.PathLike)) else np.asarray(x, np.float32)
-                 for x in items]
+        waves = [data.load_audio(x) for x in items]  # files decoded and resampled to 16 kHz
         if cfg.encoder_kind == "whisper":
             chunk = audio_lib.whisper_chunk_seconds(cfg.preprocessor, cfg.encoder_hf["max_source_positions"])
             features, mask = audio_lib.whisper_features(waves, n_mels=cfg.encoder_hf["num_mel_bins"],

@@ -226,6 +226,18 @@ def heldout_loss(task: ModRWKVTask, variables: dict, records: Sequence[data.Mult
     return total / max(count, 1.0)
 
 
+_ENCODE_FNS: dict[int, tuple[Any, Any, Any]] = {}
+
+
+def _encode_fns(module: modrwkv.ModRWKV) -> tuple[Any, Any]:
+    """The jitted slot-count and prompt-embedding functions of `module`, compiled once per module."""
+    if id(module) not in _ENCODE_FNS:
+        lengths = jax.jit(lambda v, x, a: module.apply(v, x, a, method=modrwkv.ModRWKV.encode)[1])
+        embed = jax.jit(lambda v, t, x, m, a: module.apply(v, t, x, m, a, method=modrwkv.ModRWKV.prompt_embeddings))
+        _ENCODE_FNS[id(module)] = (module, lengths, embed)  # the module is kept: its id stays its own
+    return _ENCODE_FNS[id(module)][1:]
+
+
 def generate_answers(family: modrwkv.ModRWKVFamily, variables: dict, records: Sequence[data.MultimodalRecord],
                      sampler: rollout.Sampler, tokenizer: Any, batch_size: int,
                      shuffle_seed: int | None = None) -> list[str]:
@@ -239,9 +251,7 @@ def generate_answers(family: modrwkv.ModRWKVFamily, variables: dict, records: Se
         order = np.random.default_rng(shuffle_seed).permutation(len(items))
         items = [items[i] for i in order]
     fmt = family.config.format
-    lengths_fn = jax.jit(lambda v, x, a: family.module.apply(v, x, a, method=modrwkv.ModRWKV.encode)[1])
-    embed_fn = jax.jit(lambda v, t, x, m, a: family.module.apply(v, t, x, m, a,
-                                                                 method=modrwkv.ModRWKV.prompt_embeddings))
+    lengths_fn, embed_fn = _encode_fns(family.module)
     answers: list[str] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
