@@ -796,8 +796,9 @@ def shapes_records(count: int, seed: int, size: int = 32) -> list[MultimodalReco
 
 
 def question_and_answer(record: MultimodalRecord) -> tuple[str, str]:
-    """(the first user turn without its markers, the first assistant answer) of a record."""
-    question = next(t["value"] for t in record.conversation if t["from"].lower() in mm.USER_ROLES)
+    """(the first user turn without its markers, '' when there is none (the reference's ASR records), the
+    first assistant answer) of a record."""
+    question = next((t["value"] for t in record.conversation if t["from"].lower() in mm.USER_ROLES), "")
     answer = next(t["value"] for t in record.conversation if t["from"].lower() in mm.ASSISTANT_ROLES)
     return question.replace(IMAGE_MARKER, "").replace(AUDIO_MARKER, "").strip(), answer.strip()
 
