@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxrl_peft.models import family, hf
+from jaxrl_peft.models import family
 from rwkv_jax import data, modrwkv
 from rwkv_jax import multimodal as mm
 from rwkv_jax.encoders import image as image_lib
