@@ -749,8 +749,11 @@ def _balanced_answers(kind: str, count: int, rng: np.random.Generator) -> list[s
     return [answers[i] for block in blocks for i in block][:count]
 
 
-def shape_scene(kind: str, answer: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """An image [size, size, 3] uint8 whose answer to QUESTIONS[kind] is `answer`; all else random."""
+def shape_scene(kind: str, answer: str, rng: np.random.Generator, size: int = 32,
+                drawn: list[dict[str, Any]] | None = None) -> np.ndarray:
+    """An image [size, size, 3] uint8 whose answer to QUESTIONS[kind] is `answer`; all else random.
+    `drawn`, when given, receives each shape painted ({'shape', 'colour', 'x', 'y'}: its centre in pixels),
+    so every attribute of the scene is known (e.g. to pretrain an encoder on them)."""
     if answer not in ANSWERS[kind]:
         raise ValueError(f"shape_scene: {answer!r} is not an answer to {kind!r} questions: {ANSWERS[kind]}")
     scale = size / 32
@@ -762,7 +765,10 @@ def shape_scene(kind: str, answer: str, rng: np.random.Generator, size: int = 32
         for index in rng.choice(9, COUNTS.index(answer) + 1, replace=False):
             cx = (index % 3 + 0.5) * cell + rng.uniform(-0.5, 0.5) * scale
             cy = (index // 3 + 0.5) * cell + rng.uniform(-0.5, 0.5) * scale
-            _draw(canvas, str(rng.choice(SHAPES)), cx, cy, radius, _colour(str(rng.choice(list(COLOURS))), rng))
+            shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+            _draw(canvas, shape, cx, cy, radius, _colour(colour, rng))
+            if drawn is not None:
+                drawn.append({"shape": shape, "colour": colour, "x": float(cx), "y": float(cy)})
         return canvas.astype(np.uint8)
     radius = rng.uniform(3.5, 5.0) * scale
     shape = answer if kind == "shape" else str(rng.choice(SHAPES))
@@ -772,6 +778,8 @@ def shape_scene(kind: str, answer: str, rng: np.random.Generator, size: int = 32
     low, high = max(radius, third * size / 3 + margin), min(size - radius, (third + 1) * size / 3 - margin)
     cx, cy = rng.uniform(low, high), rng.uniform(radius, size - radius)
     _draw(canvas, shape, cx, cy, radius, _colour(colour, rng))
+    if drawn is not None:
+        drawn.append({"shape": shape, "colour": colour, "x": float(cx), "y": float(cy)})
     return canvas.astype(np.uint8)
 
 

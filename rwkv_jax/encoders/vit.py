@@ -1,4 +1,5 @@
-"""The SigLIP and CLIP vision towers (ModRWKV's image encoders), loaded from Hugging Face checkpoints.
+"""The SigLIP and CLIP vision towers (ModRWKV's image encoders), loaded from Hugging Face checkpoints
+(and SigLIP towers written as ones: `save_hf`, `save_preprocessor`).
 
 Flax linen; parameters are plain nested dicts named like the HF modules (`layers_3/self_attn/q_proj/kernel`),
 so PEFT target patterns read the same as in HF PEFT. Every projection, the patch embedding included (a
@@ -13,6 +14,7 @@ are SigLIP checkpoints (model_type 'siglip'); NaFlex SigLIP2 checkpoints are rej
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -26,7 +28,7 @@ from jax.sharding import Mesh
 
 from jaxrl_peft.infra import mesh as mesh_lib
 from jaxrl_peft.models.layers import LayerNorm, Linear
-from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex
+from jaxrl_peft.models.safetensors_io import CheckpointError, TensorIndex, save_safetensors
 from jaxrl_peft.peft.base import PeftMethod
 from jaxrl_peft.peft.registry import nest
 
@@ -335,3 +337,72 @@ def load_from_config(path: str | Path, hf_config: dict[str, Any], *, dtype: Any 
 def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
     return [(tuple(k.key for k in kp), v) for kp, v in flat]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing HF checkpoints (the inverse of the loader's mapping)
+
+def _to_hf_layout(value: np.ndarray, path: tuple[str, ...], cfg: VisionConfig) -> np.ndarray:
+    """A parameter in HF's layout: Linear kernels [in, out] -> [out, in]; the patch embedding's
+    [C*p*p, D] -> conv weight [D, C, p, p]."""
+    if path[-1] != "kernel":
+        return value
+    if path[-2] == "patch_embedding":
+        p = cfg.patch_size
+        return value.T.reshape(cfg.hidden_size, cfg.num_channels, p, p)
+    return value.T
+
+
+def hf_config(cfg: VisionConfig) -> dict[str, Any]:
+    """The config.json of a vision-only SigLIP checkpoint (SiglipVisionConfig's fields, no pooling head)."""
+    if cfg.arch != "siglip":
+        raise ValueError(f"hf_config: only SigLIP towers are written, got arch {cfg.arch!r} (a CLIP checkpoint "
+                         "would also need its post_layernorm, which this module does not hold)")
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+            "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_channels": cfg.num_channels, "image_size": cfg.image_size, "patch_size": cfg.patch_size,
+            "hidden_act": cfg.hidden_act, "layer_norm_eps": cfg.layer_norm_eps, "attention_dropout": 0.0,
+            "vision_use_head": False, "dtype": "float32"}
+
+
+def save_hf(path: str | Path, cfg: VisionConfig, params: Any, *, prefix: str = "vision_model.",
+            dtype: Any = np.float32) -> Path:
+    """Writes a SigLIP tower as an HF vision checkpoint: config.json (model_type 'siglip_vision_model',
+    no attention-pooling head) and model.safetensors in HF names and layouts under `prefix` (the
+    'vision_model.' of transformers 4.x, which 5.x loads too). `load_from_config` reads it back exactly."""
+    path = Path(path)
+    config = hf_config(cfg)
+    params = jax.tree.map(np.asarray, nn.unbox(params))
+    expected = {p: tuple(leaf.value.shape) for p, leaf in _paths(abstract_params(cfg))}
+    given = dict(_paths(params))
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"save_hf: params do not match the tower of the config: missing "
+                         f"{['/'.join(p) for p in missing[:4]]}, unexpected {['/'.join(p) for p in unexpected[:4]]}")
+    tensors = {}
+    for p, want in expected.items():
+        if given[p].shape != want:
+            raise ValueError(f"save_hf: parameter {'/'.join(p)} has shape {given[p].shape}, the config gives {want}")
+        tensors[hf_name(p, prefix)] = np.ascontiguousarray(_to_hf_layout(given[p], p, cfg).astype(dtype))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_safetensors(path / "model.safetensors", dict(sorted(tensors.items())), metadata={"format": "pt"})
+    return path
+
+
+def save_preprocessor(path: str | Path, image_size: int, *, resample: int = 3,
+                      image_mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+                      image_std: tuple[float, ...] = (0.5, 0.5, 0.5)) -> Path:
+    """Writes the preprocessor_config.json of a SiglipImageProcessor: resize to image_size x image_size
+    (PIL filter `resample`, bicubic by default), rescale by 1/255, normalize with mean/std (0.5 as SigLIP)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"image_processor_type": "SiglipImageProcessor", "do_resize": True,
+              "size": {"height": int(image_size), "width": int(image_size)}, "resample": int(resample),
+              "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+              "image_mean": [float(x) for x in image_mean], "image_std": [float(x) for x in image_std],
+              "do_convert_rgb": True}
+    file = path / "preprocessor_config.json"
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return file
