@@ -324,8 +324,9 @@ def splice(token_embeds: jax.Array, modality_embeds: jax.Array, modality_mask: j
         slots = np.asarray(modality_mask).sum(axis=-1)
         want = np.full_like(slots, modality_embeds.shape[-2]) if counts is None else np.asarray(counts)
         if np.any(slots != want):
+            given = modality_embeds.shape[-2] if counts is None else f"{np.unique(want).tolist()} valid"
             raise ValueError(f"splice: the mask marks {np.unique(slots).tolist()} modality slot(s) per row but "
-                             f"{np.unique(want).tolist()} modality embeddings were given")
+                             f"{given} modality embeddings were given")
     if modality_embeds.shape[-2] == 0:
         return token_embeds
     index = jnp.clip(jnp.cumsum(modality_mask, axis=-1) - 1, 0, modality_embeds.shape[-2] - 1)  # [..., T]

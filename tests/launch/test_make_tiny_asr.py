@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from rwkv_jax.encoders import whisper
 
@@ -19,6 +20,7 @@ def _script():
     return module
 
 
+@pytest.mark.slow  # the whole asset script at toy size; the shipped asset is tested in test_tiny_asr.py
 def test_builds_a_whisper_directory_modrwkv_reads(tmp_path, capsys):
     out = tmp_path / "whisper"
     result = _script().main([f"--out={out}", "--steps=3", "--batch_size=4", "--heldout=8", "--chunk_seconds=2",

@@ -136,6 +136,7 @@ def _direct_answers(model_dir, records):
                                                             batch_size=len(records))]
 
 
+@pytest.mark.slow  # POPE runs the same command path in CI
 def test_vqav2_command_writes_the_table_and_the_items(models, files, tmp_path):
     questions = FIXTURES / "vqav2_OpenEnded_mscoco_val2014_questions.json"
     annotations = FIXTURES / "vqav2_mscoco_val2014_annotations.json"

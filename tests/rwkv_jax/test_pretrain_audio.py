@@ -107,6 +107,7 @@ def test_loss_is_the_weighted_cross_entropy_and_ignores_zero_rows():
     assert float(sums_padded["weight"]) == float(sums["weight"])
 
 
+@pytest.mark.slow  # a learning run; the loss and the 8-device update are checked in CI
 def test_pretraining_learns_through_the_core(tmp_path):
     cfg, module, params = _tiny()
     c = pa.config(steps=60, eval_every=0, checkpoint_every=60, log_every=100)
