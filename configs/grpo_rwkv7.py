@@ -49,8 +49,9 @@ TINY_CHECKPOINT = "assets/tiny-rwkv7"
 FULL_CHECKPOINT = "checkpoints/rwkv7-g1-1.5b"  # convert_pth_to_safetensors output + tokenizer files
 
 
-def peft_block(method: str, family: str, steps: int) -> ml_collections.ConfigDict:
-    """The `peft` block of `method` (a METHODS key) for a family (a PEFT_DEFAULTS key)."""
+def peft_block(method: str, family: str, steps: Any) -> ml_collections.ConfigDict:
+    """The `peft` block of `method` (a METHODS key) for a family (a PEFT_DEFAULTS key); `steps` is the run's
+    step count or a reference to it (AdaLoRA's budget schedule spans the run)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
     name, hparams = METHODS[method]
@@ -77,7 +78,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c = base_config("tiny" if tiny else "")
     c.model.checkpoint = TINY_CHECKPOINT if tiny else FULL_CHECKPOINT
     c.model.preset = ""  # no preset shapes: --dry_run needs the checkpoint's config.json
-    c.peft = peft_block(method, "rwkv7", c.steps)
+    c.peft = peft_block(method, "rwkv7", c.get_ref("steps") + 0)  # follows --config.steps
     if method == "full":
         c.optim.learning_rate = 1e-5 if tiny else 1e-6
     if method == "lorafa":

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from safetensors.numpy import load_file
 
 from configs import base_grpo
 from configs.grpo_full import get_config as full_config
 from configs.grpo_lora import get_config as lora_config
 from jaxrl_peft.analysis import sweep
+from jaxrl_peft.peft import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs" / "grpo_dora.py") + ":tiny"
@@ -116,6 +119,30 @@ def test_split_overrides_of_the_launcher():
 def test_full_fine_tuning_keeps_a_tenth_of_the_peft_learning_rate():
     assert full_config("tiny").optim.learning_rate == pytest.approx(lora_config("tiny").optim.learning_rate / 10)
     assert full_config("").optim.learning_rate == 1e-6
+
+
+def _parsed_config(*argv: str):
+    """The config launch/train.py gets from these flags (its own config_flags definition, locked)."""
+    argv = ["train.py", *argv]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+@pytest.mark.parametrize("config", [CONFIG.replace("grpo_dora", "grpo_adalora"),
+                                    str(ROOT / "configs" / "grpo_rwkv7.py") + ":adalora,tiny"])
+def test_a_steps_override_reaches_the_adalora_budget_schedule(config):
+    """A sweep's --config.steps=N must also shorten AdaLoRA's schedule (total_step), else its rank pruning
+    stops part-way; an explicit total_step still wins, and resolved configs (config.json) hold numbers."""
+    c = _parsed_config(f"--config={config}", "--config.steps=30")
+    assert (c.steps, c.peft.hparams.total_step) == (30, 30)
+    assert json.loads(c.to_json_best_effort())["peft"]["hparams"]["total_step"] == 30
+    assert registry.from_config(c.peft).total_step == 30
+    c = _parsed_config(f"--config={config}", "--config.peft.hparams.total_step=12", "--config.steps=30")
+    assert (c.steps, c.peft.hparams.total_step) == (30, 12)
+    c = _parsed_config(f"--config={config}")
+    assert (c.steps, c.peft.hparams.total_step) == (60, 60)
 
 
 @pytest.mark.slow
