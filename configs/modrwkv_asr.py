@@ -51,7 +51,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(batch_size=32 if tiny else 16, micro_batch_size=32 if tiny else 8))
     c.stage1 = stage(full(CONNECTOR), 3e-3 if tiny else 1e-4, 150 if tiny else 2000, 32 if tiny else 16,
                      10 if tiny else 100)
-    c.stage2 = stage(full(CONNECTOR + ("llm/*",)), 1e-3 if tiny else 1e-4, 150 if tiny else 8000,
+    c.stage2 = stage(full(CONNECTOR + ("llm/*",)), 3e-3 if tiny else 1e-4, 900 if tiny else 8000,
                      32 if tiny else 16, 10 if tiny else 100)
     c.stage2.optim.end_learning_rate = 0.0 if tiny else 5e-5
     c.stages = ("stage1", "stage2")
