@@ -15,10 +15,12 @@ through the embedded tiny Whisper-style encoder (assets/tiny-asr, 4-second windo
 tiny RWKV-7 (assets/tiny-modrwkv/rwkv7); its last line is `heldout_wer before=<x> after=<y>`.
 """
 
+import ml_collections
+
 from configs import modrwkv
 
 
-def get_config(arg: str = ""):
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
     """configs/modrwkv.py's config with the speech encoder, data, schedule and metric."""
     c = modrwkv.get_config(arg)
     tiny = arg == "tiny"
