@@ -72,6 +72,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         max_audio_seconds=30.0,
         truncate=False,
         num_workers=0 if tiny else 8,
+        # A directory of the frozen encoder's features, filled before training (each item encoded once, not
+        # once per epoch; relative paths are under the run's workdir); '' = off. Keyed by the encoder's
+        # weights and the preprocessing; refused for a stage whose PEFT method trains the encoder.
+        feature_cache="",
     ))
     c.train = ml_collections.ConfigDict(dict(batch_size=32 if tiny else 256, micro_batch_size=32 if tiny else 8))
     c.stage1 = stage(full(CONNECTOR), 3e-3 if tiny else 1e-3, 150 if tiny else 2181, 32 if tiny else 256,

@@ -30,7 +30,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                    param_dtype="float32")  # the audio encoders compute in their parameter dtype
     c.data.update(format="synthetic_dtmf" if tiny else "librispeech", train="synthetic" if tiny else "",
                   heldout="synthetic" if tiny else "", synthetic_size=4000, heldout_size=100,
-                  seq_len=96 if tiny else 1024, max_audio_seconds=4.0 if tiny else 30.0)
+                  seq_len=96 if tiny else 1024, max_audio_seconds=4.0 if tiny else 30.0,
+                  feature_cache="features" if tiny else "")  # the frozen encoder runs once per clip
     c.train.update(batch_size=32 if tiny else 16, micro_batch_size=32 if tiny else 8)
     c.stage1 = modrwkv.stage(modrwkv.full(modrwkv.CONNECTOR), 3e-3 if tiny else 1e-4, 150 if tiny else 2000,
                              32 if tiny else 16, 10 if tiny else 100)

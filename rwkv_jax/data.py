@@ -278,6 +278,9 @@ class PrepareConfig:
         kind ({'image': 288}); default: ModRWKV's connectors without the vision compressor.
     truncate: cut a conversation longer than T + 1 tokens (when no modality slot and not every target is
         lost) instead of rejecting it.
+    features: a filled `FeatureCache`: items give their cached encoder features (`image_features` /
+        `audio_features` [max_items, N, D]) in place of the preprocessed encoder inputs (see
+        `fill_feature_cache`); the files are still checked, an audio file still decoded for its length.
     """
 
     seq_len: int
@@ -297,6 +300,7 @@ class PrepareConfig:
     audio_marker: str = AUDIO_MARKER
     modality_length: Callable[[str, int], int] | Mapping[str, int] = AdapterLengths()
     truncate: bool = False
+    features: FeatureCache | None = None
 
     def __post_init__(self):
         if self.seq_len < 2:
@@ -326,6 +330,14 @@ class PrepareConfig:
 
     def audio_samples(self) -> int:
         return int(round(self.max_audio_seconds * SAMPLING_RATE))
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The settings that decide an item's encoder input (what a feature cache is keyed by)."""
+        out: dict[str, Any] = {"image": self.image}
+        if self.audio is not None:
+            out.update(audio=self.audio, n_mels=self.n_mels, whisper_chunk_seconds=self.whisper_chunk_seconds,
+                       wavlm_normalize=self.wavlm_normalize, max_audio_seconds=self.max_audio_seconds)
+        return out
 
 
 def image_shape(cfg: image_lib.ImageProcessorConfig) -> tuple[int, int]:
@@ -392,8 +404,8 @@ def _image_item(item: Item, cfg: image_lib.ImageProcessorConfig, source: str) ->
         raise BadRecord(source, "bad_image", f"cannot use image {item if isinstance(item, str) else '<array>'}: {e}")
 
 
-def _audio_item(item: Item, config: PrepareConfig, source: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(encoder input, its mask, encoder frames) of one audio item."""
+def _audio_samples(item: Item, config: PrepareConfig, source: str) -> tuple[np.ndarray, int]:
+    """(samples, encoder frames) of one audio item, checked: readable, finite, not too long."""
     name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else "<array>"
     if isinstance(item, (str, os.PathLike)) and not os.path.exists(item):
         raise BadRecord(source, "missing_audio", f"audio {name} does not exist")
@@ -407,15 +419,35 @@ def _audio_item(item: Item, config: PrepareConfig, source: str) -> tuple[np.ndar
         raise BadRecord(source, "too_long", f"audio {name} lasts {samples.size / SAMPLING_RATE:.2f} s, more than "
                                             f"max_audio_seconds={config.max_audio_seconds}")
     if config.audio == "whisper":
-        chunk = config.whisper_chunk_seconds
-        features, mask = audio_lib.whisper_features(samples, config.n_mels, chunk_seconds=chunk)
-        return features[0], mask[0], whisper_frames(samples.size, chunk)
+        return samples, whisper_frames(samples.size, config.whisper_chunk_seconds)
     frames = wavlm_frames(samples.size, config.wavlm_conv)
     if frames < 1:
         raise BadRecord(source, "bad_audio", f"audio {name} has {samples.size} samples, too few for one WavLM frame")
+    return samples, frames
+
+
+def _audio_item(item: Item, config: PrepareConfig, source: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(encoder input, its mask, encoder frames) of one audio item."""
+    samples, frames = _audio_samples(item, config, source)
+    if config.audio == "whisper":
+        features, mask = audio_lib.whisper_features(samples, config.n_mels, chunk_seconds=config.whisper_chunk_seconds)
+        return features[0], mask[0], frames
     values, mask = audio_lib.wavlm_inputs(samples, config.wavlm_normalize)
     pad = config.audio_samples() - samples.size
     return np.pad(values[0], (0, pad)), np.pad(mask[0], (0, pad)), frames
+
+
+def _cached(kind: str, item: Item, config: PrepareConfig, source: str) -> np.ndarray:
+    """An item's features from config.features; a miss is an error (the cache is filled before training)."""
+    features = config.features.get(kind, item)
+    if features is None:
+        if kind == "image":  # a bad item raises BadRecord here; a good one was simply never cached
+            _image_item(item, config.image, source)
+        else:
+            _audio_item(item, config, source)
+        raise FeatureCacheMiss(f"{source}: its {kind} is not in the feature cache {config.features.directory}; "
+                               "fill the cache first (data.fill_feature_cache) with the same records")
+    return features
 
 
 def _stack_items(items: Sequence[np.ndarray], count: int, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -442,6 +474,8 @@ def prepare(record: MultimodalRecord, config: PrepareConfig) -> dict[str, np.nda
       audio: audio_inputs [max_audio, n_mels, 100 * whisper_chunk_seconds] (whisper) or [max_audio, samples]
         (wavlm) f32, audio_mask of the same shape without n_mels, i32, audio_frames [max_audio] i32 (valid encoder
         frames), audio_slots [max_audio] i32, audio_count [] i32.
+    With config.features, image_features / audio_features [max_items, N, D] replace pixel_values and
+    audio_inputs / audio_mask.
     Slots fill in item order: the first image_slots[0] True positions of the mask take image 0, and so on.
     """
     source = record.source or "<record>"
@@ -450,23 +484,38 @@ def prepare(record: MultimodalRecord, config: PrepareConfig) -> dict[str, np.nda
     kind = "image" if record.images else "audio" if record.audio else None
     out: dict[str, np.ndarray] = {}
     slots: dict[str, list[int]] = {"image": [], "audio": []}
+    cache = config.features
     if config.image is not None:
-        height, width = image_shape(config.image)
-        pixels = [_image_item(item, config.image, source) for item in record.images]
+        if cache is not None:
+            for item in record.images:
+                if isinstance(item, (str, os.PathLike)) and not os.path.exists(item):
+                    raise BadRecord(source, "missing_image", f"image {os.fspath(item)} does not exist")
+            pixels = [_cached("image", item, config, source) for item in record.images]
+            out["image_features"] = _stack_items(pixels, config.max_images, cache.item_shape, cache.dtype)
+        else:
+            height, width = image_shape(config.image)
+            pixels = [_image_item(item, config.image, source) for item in record.images]
+            out["pixel_values"] = _stack_items(pixels, config.max_images, (3, height, width), np.float32)
         slots["image"] = [config.slots("image", config.image_encoder_tokens) for _ in pixels]
-        out["pixel_values"] = _stack_items(pixels, config.max_images, (3, height, width), np.float32)
         out["image_slots"] = _stack_items(slots["image"], config.max_images, (), np.int32)
         out["image_count"] = np.asarray(len(pixels), np.int32)
     if config.audio is not None:
-        decoded = [_audio_item(item, config, source) for item in record.audio]
+        if cache is not None:
+            decoded = [(None, None, _audio_samples(item, config, source)[1]) for item in record.audio]
+        else:
+            decoded = [_audio_item(item, config, source) for item in record.audio]
         slots["audio"] = [config.slots("audio", frames) for _, _, frames in decoded]
         if config.max_audio_tokens is not None and any(n > config.max_audio_tokens for n in slots["audio"]):
             raise BadRecord(source, "too_long", f"audio gives {max(slots['audio'])} tokens, more than "
                                                 f"max_audio_tokens={config.max_audio_tokens}")
-        width = ((config.n_mels, audio_lib.whisper_mel_frames(config.whisper_chunk_seconds))
-                 if config.audio == "whisper" else (config.audio_samples(),))
-        out["audio_inputs"] = _stack_items([d[0] for d in decoded], config.max_audio, width, np.float32)
-        out["audio_mask"] = _stack_items([d[1] for d in decoded], config.max_audio, width[-1:], np.int32)
+        if cache is not None:
+            out["audio_features"] = _stack_items([_cached("audio", item, config, source) for item in record.audio],
+                                                 config.max_audio, cache.item_shape, cache.dtype)
+        else:
+            width = ((config.n_mels, audio_lib.whisper_mel_frames(config.whisper_chunk_seconds))
+                     if config.audio == "whisper" else (config.audio_samples(),))
+            out["audio_inputs"] = _stack_items([d[0] for d in decoded], config.max_audio, width, np.float32)
+            out["audio_mask"] = _stack_items([d[1] for d in decoded], config.max_audio, width[-1:], np.int32)
         out["audio_frames"] = _stack_items([d[2] for d in decoded], config.max_audio, (), np.int32)
         out["audio_slots"] = _stack_items(slots["audio"], config.max_audio, (), np.int32)
         out["audio_count"] = np.asarray(len(decoded), np.int32)
@@ -657,14 +706,38 @@ def item_digest(item: Item) -> str:
     return h.hexdigest()
 
 
+def params_identity(params: Any) -> str:
+    """A digest of a parameter tree's content (paths, dtypes, shapes, bytes): the same weights give the same
+    identity wherever they were loaded from, changed weights a new one."""
+    import jax  # noqa: PLC0415 (the data layer needs jax only here)
+
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}|".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+class FeatureCacheMiss(RuntimeError):
+    """An item `prepare` was to read from a feature cache is not there (the cache was not filled for it)."""
+
+
 class FeatureCache:
     """Encoder features in a directory of .npy files, keyed by (encoder identity, preprocessing settings,
     modality, item content), so a stale entry is never read. Off unless a task makes one; only valid
-    while the encoder is frozen."""
+    while the encoder is frozen.
 
-    def __init__(self, directory: str | os.PathLike, encoder: str, settings: Any):
+    item_shape / dtype: every entry's [N, D] and dtype (absent items of a row are zeros of that shape);
+    bfloat16 entries are stored as their uint16 bits (numpy has no bfloat16 .npy type)."""
+
+    def __init__(self, directory: str | os.PathLike, encoder: str, settings: Any,
+                 item_shape: tuple[int, ...] | None = None, dtype: Any = np.float32):
         self.directory = Path(directory)
-        self._prefix = _digest(encoder.encode(), _canonical(settings)).encode()
+        self.item_shape = None if item_shape is None else tuple(int(n) for n in item_shape)
+        self.dtype = np.dtype(dtype)
+        self._bits = self.dtype.name == "bfloat16"
+        self._prefix = _digest(encoder.encode(), _canonical(settings), self.dtype.name.encode()).encode()
 
     def key(self, kind: str, item: Item) -> str:
         return _digest(self._prefix, kind.encode(), item_digest(item).encode())
@@ -678,17 +751,24 @@ class FeatureCache:
         if not path.exists():
             return None
         try:
-            return np.load(path, allow_pickle=False)
+            features = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             log.warning("feature cache: ignoring unreadable %s (%s)", path, e)
             return None
+        if self.item_shape is not None and features.shape != self.item_shape:
+            log.warning("feature cache: ignoring %s of shape %s (expected %s)", path, features.shape, self.item_shape)
+            return None
+        return features.view(self.dtype) if self._bits else features.astype(self.dtype, copy=False)
 
     def put(self, kind: str, item: Item, features: np.ndarray) -> Path:
         """Writes features atomically (a reader never sees a partial file)."""
+        features = np.asarray(features).astype(self.dtype, copy=False)
+        if self.item_shape is not None and features.shape != self.item_shape:
+            raise ValueError(f"FeatureCache.put: features of shape {features.shape}, the cache holds {self.item_shape}")
         path = self.path(self.key(kind, item))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, np.asarray(features), allow_pickle=False)
+        np.save(tmp, features.view(np.uint16) if self._bits else features, allow_pickle=False)
         os.replace(tmp, path)
         return path
 
@@ -703,9 +783,84 @@ class FeatureCache:
                 raise ValueError(f"FeatureCache.features: encode returned {len(encoded)} arrays for "
                                  f"{len(missing)} items")
             for i, features in zip(missing, encoded):
-                found[i] = np.asarray(features)
-                self.put(kind, items[i], found[i])
+                self.put(kind, items[i], features)
+                found[i] = self.get(kind, items[i])
         return found
+
+
+@dataclasses.dataclass
+class FillStats:
+    """What `fill_feature_cache` did: items found cached, encoded now, and skipped as bad (the pipeline
+    rejects their records and reports them)."""
+
+    cached: int = 0
+    encoded: int = 0
+    bad: int = 0
+
+
+def fill_feature_cache(records: Sequence[MultimodalRecord], config: PrepareConfig, cache: FeatureCache,
+                       encode: Callable[[str, np.ndarray, np.ndarray | None], np.ndarray], batch_size: int,
+                       shard: tuple[int, int] | None = None, progress: Callable[[str], None] | None = print
+                       ) -> FillStats:
+    """Encodes every item of this host's shard of `records` (the shard `MultimodalPipeline` reads) that
+    `cache` lacks. `encode(kind, inputs [n, ...], mask [n, ...] or None)` -> features [n, N, D] runs the
+    frozen encoder; batches are padded to `batch_size` rows (one compiled shape). Bad items are skipped
+    (BadRecord: the pipeline counts their records). `progress` gets a line about every tenth of the work."""
+    if batch_size < 1:
+        raise ValueError(f"fill_feature_cache: batch_size must be >= 1, got {batch_size}")
+    index, count = shard if shard is not None else process_shard()
+    mine = list(records)[index::count]
+    stats = FillStats()
+    pending: dict[str, list[tuple[Item, np.ndarray, np.ndarray | None]]] = {"image": [], "audio": []}
+    seen: set[tuple[str, str]] = set()
+
+    def flush(kind: str) -> None:
+        batch = pending[kind]
+        if not batch:
+            return
+        pad = batch_size - len(batch)
+        inputs = np.stack([b[1] for b in batch] + [np.zeros_like(batch[0][1])] * pad)
+        masks = None if batch[0][2] is None else np.stack([b[2] for b in batch] + [np.zeros_like(batch[0][2])] * pad)
+        features = np.asarray(encode(kind, inputs, masks))
+        for (item, _, _), f in zip(batch, features):
+            cache.put(kind, item, f)
+        stats.encoded += len(batch)
+        pending[kind] = []
+
+    step = max(len(mine) // 10, 1)
+    for n, record in enumerate(mine, 1):
+        source = record.source or "<record>"
+        for kind, items in (("image", record.images), ("audio", record.audio)):
+            for item in items:
+                key = cache.key(kind, item) if not isinstance(item, (str, os.PathLike)) or os.path.exists(item) else None
+                if key is not None and ((kind, key) in seen or cache.path(key).exists()):
+                    stats.cached += (kind, key) not in seen
+                    seen.add((kind, key))
+                    continue
+                try:
+                    if kind == "image":
+                        if config.image is None:
+                            raise BadRecord(source, "unsupported", "holds an image; no image preprocessing is set")
+                        pending[kind].append((item, _image_item(item, config.image, source), None))
+                    else:
+                        if config.audio is None:
+                            raise BadRecord(source, "unsupported", "holds audio; no audio preprocessing is set")
+                        inputs, mask, _ = _audio_item(item, config, source)
+                        pending[kind].append((item, inputs, mask))
+                except BadRecord:
+                    stats.bad += 1
+                    continue
+                seen.add((kind, key))
+                if len(pending[kind]) == batch_size:
+                    flush(kind)
+        if progress is not None and (n % step == 0 or n == len(mine)):
+            progress(f"feature cache {cache.directory}: {n}/{len(mine)} records, {stats.cached} items cached "
+                     f"before, {stats.encoded} encoded, {stats.bad} bad")
+    for kind in pending:
+        flush(kind)
+    if progress is not None and stats.encoded:
+        progress(f"feature cache {cache.directory}: {stats.encoded} items encoded in all")
+    return stats
 
 
 # -------------------------------------------------------------------------------------------------

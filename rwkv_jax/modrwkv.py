@@ -156,34 +156,39 @@ class ModRWKV(nn.Module):
         self.adapter = adapter(cfg.rwkv.n_embd, cfg.adapter_ratio, peft=part_method(self.peft, "adapter"), **kw)
         self.llm = rwkv.RWKV7(cfg.rwkv, peft=part_method(self.peft, "llm"))
 
-    def encode(self, inputs: Array, attention_mask: Array | None = None,
-               item_mask: Array | None = None) -> tuple[Array, Array]:
+    def encode(self, inputs: Array | None, attention_mask: Array | None = None,
+               item_mask: Array | None = None, *, features: Array | None = None,
+               feature_lengths: Array | None = None) -> tuple[Array, Array]:
         """Modality items [B, I, ...] (or [B, ...]: one item per row) -> (embeddings [B, I * n, C] with each
         row's valid ones first, slot counts [B]). attention_mask [B, I, frames|samples] for audio;
-        item_mask [B, I] False for absent items (they give no slots)."""
+        item_mask [B, I] False for absent items (they give no slots). `features` [B, I, N, D] (the frozen
+        encoder's output, `encoder_features`, from a feature cache) in place of `inputs`, with
+        `feature_lengths` [B, I] (the valid frames of audio items; ignored for images)."""
         cfg = self.config
-        item_ndim = _ITEM_NDIM[cfg.encoder_kind]
-        if inputs.ndim == item_ndim + 1:
-            inputs = inputs[:, None]
-            attention_mask = None if attention_mask is None else attention_mask[:, None]
-        if inputs.ndim != item_ndim + 2:
-            raise ValueError(f"ModRWKV.encode: inputs must be [batch, items, ...] with {item_ndim} dims per "
-                             f"item, got shape {inputs.shape}")
-        b, items = inputs.shape[:2]
-        flat = inputs.reshape(b * items, *inputs.shape[2:])
-        if cfg.modality == "vision":
-            features = self.encoder(flat)  # [B * I, N, D]
-            lengths = jnp.full((b * items,), features.shape[1], jnp.int32)
+        if features is not None:
+            b, items = features.shape[:2]
+            flat = features.reshape(b * items, *features.shape[2:])
+            lengths = (jnp.full((b * items,), flat.shape[1], jnp.int32) if cfg.modality == "vision"
+                       else jnp.asarray(feature_lengths, jnp.int32).reshape(b * items))
         else:
+            item_ndim = _ITEM_NDIM[cfg.encoder_kind]
+            if inputs.ndim == item_ndim + 1:
+                inputs = inputs[:, None]
+                attention_mask = None if attention_mask is None else attention_mask[:, None]
+            if inputs.ndim != item_ndim + 2:
+                raise ValueError(f"ModRWKV.encode: inputs must be [batch, items, ...] with {item_ndim} dims per "
+                                 f"item, got shape {inputs.shape}")
+            b, items = inputs.shape[:2]
             mask = None if attention_mask is None else attention_mask.reshape(b * items, -1)
-            features, lengths = self.encoder(flat, mask)
+            flat, lengths = self.encoder_features(inputs.reshape(b * items, *inputs.shape[2:]), mask)
+        if cfg.modality == "audio":
             # the reference crops the encoder output to its valid frames before the adapter's padded conv
-            valid = jnp.arange(features.shape[1])[None, :] < lengths[:, None]
-            features = jnp.where(valid[..., None], features, 0)
+            valid = jnp.arange(flat.shape[1])[None, :] < lengths[:, None]
+            flat = jnp.where(valid[..., None], flat, 0)
         if cfg.compress:
-            features = self.compressor(features)
-            lengths = jnp.full_like(lengths, features.shape[1])
-        embeds = self.adapter(features)  # [B * I, n, C]
+            flat = self.compressor(flat)
+            lengths = jnp.full_like(lengths, flat.shape[1])
+        embeds = self.adapter(flat)  # [B * I, n, C]
         if cfg.modality == "audio":
             lengths = jnp.minimum((lengths + 1) // 2 + 1, embeds.shape[1])  # mm.audio_adapter_length
         lengths = lengths.reshape(b, items)
@@ -191,18 +196,29 @@ class ModRWKV(nn.Module):
             lengths = jnp.where(item_mask, lengths, 0)
         return _compact(embeds.reshape(b, items, *embeds.shape[1:]), lengths), jnp.sum(lengths, axis=1)
 
+    def encoder_features(self, inputs: Array, attention_mask: Array | None = None) -> tuple[Array, Array]:
+        """The encoder alone: items [n, ...] -> (features [n, N, D], valid lengths [n]: N for images, the
+        valid frames of audio). What a feature cache stores (the connector runs after it)."""
+        if self.config.modality == "vision":
+            features = self.encoder(inputs)
+            return features, jnp.full((inputs.shape[0],), features.shape[1], jnp.int32)
+        return self.encoder(inputs, attention_mask)
+
     def embed(self, tokens: Array) -> Array:
         """Token embeddings [B, T, C] (what modality embeddings are spliced into)."""
         return self.llm.embed(tokens)
 
     def prompt_embeddings(self, tokens: Array, modality_inputs: Array | None = None,
                           modality_mask: Array | None = None, attention_mask: Array | None = None,
-                          item_mask: Array | None = None) -> Array:
-        """The input embeddings [B, T, C] of a multimodal sequence: tokens embedded, modality slots replaced."""
+                          item_mask: Array | None = None, features: Array | None = None,
+                          feature_lengths: Array | None = None) -> Array:
+        """The input embeddings [B, T, C] of a multimodal sequence: tokens embedded, modality slots replaced
+        (the items' encoder inputs, or their cached encoder `features`: see `encode`)."""
         x = self.embed(tokens)
-        if modality_inputs is None:
+        if modality_inputs is None and features is None:
             return x
-        embeds, counts = self.encode(modality_inputs, attention_mask, item_mask)
+        embeds, counts = self.encode(modality_inputs, attention_mask, item_mask, features=features,
+                                     feature_lengths=feature_lengths)
         return mm.splice(x, embeds, modality_mask, counts)
 
     def logits_from_hidden(self, hidden: Array) -> Array:
@@ -215,10 +231,12 @@ class ModRWKV(nn.Module):
     def __call__(self, tokens: Array | None, modality_inputs: Array | None = None,
                  modality_mask: Array | None = None, state: rwkv.RWKV7State | None = None, *,
                  attention_mask: Array | None = None, item_mask: Array | None = None,
+                 features: Array | None = None, feature_lengths: Array | None = None,
                  embeddings: Array | None = None, recurrent: bool = False, mask: Array | None = None,
                  return_hidden: bool = False) -> tuple[Array, rwkv.RWKV7State]:
         if embeddings is None:
-            embeddings = self.prompt_embeddings(tokens, modality_inputs, modality_mask, attention_mask, item_mask)
+            embeddings = self.prompt_embeddings(tokens, modality_inputs, modality_mask, attention_mask, item_mask,
+                                                features, feature_lengths)
         return self.llm(None, state, embeddings=embeddings, recurrent=recurrent, mask=mask,
                         return_hidden=return_hidden)
 

@@ -79,15 +79,19 @@ def prepare_config(family: modrwkv.ModRWKVFamily, tokenizer: Any, c: ml_collecti
 
 
 def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The rows `ModRWKV` takes, from a pipeline batch (pixel_values or audio_* fields)."""
+    """The rows `ModRWKV` takes, from a pipeline batch (pixel_values, audio_* or cached *_features fields)."""
     rows = {"tokens": batch["tokens"], "targets": batch["targets"], "modality_mask": batch["modality_mask"]}
-    if "pixel_values" in batch:
+    if "image_features" in batch:
+        rows["features"] = batch["image_features"]
+    elif "audio_features" in batch:
+        rows["features"], rows["feature_lengths"] = batch["audio_features"], batch["audio_frames"]
+    elif "pixel_values" in batch:
         rows["inputs"] = batch["pixel_values"]
-        count = batch["image_count"]
     else:
         rows["inputs"], rows["attention_mask"] = batch["audio_inputs"], batch["audio_mask"]
-        count = batch["audio_count"]
-    rows["item_mask"] = np.arange(rows["inputs"].shape[1])[None, :] < np.asarray(count)[:, None]
+    count = batch["image_count"] if "image_count" in batch else batch["audio_count"]
+    items = (rows["features"] if "features" in rows else rows["inputs"]).shape[1]
+    rows["item_mask"] = np.arange(items)[None, :] < np.asarray(count)[:, None]
     return rows
 
 
@@ -138,12 +142,43 @@ class ModRWKVTask:
         records = list(self._records if self._records is not None else read_records(c, "train"))
         if not records:
             raise loop.ConfigError("config data.train names no training records")
+        if c.data.get("feature_cache", ""):
+            self.prepare = dataclasses.replace(self.prepare, features=self.fill_feature_cache(params, records))
         self.heldout = list(self._heldout if self._heldout is not None else read_records(c, "heldout"))
         self.pipeline = data.MultimodalPipeline(records, self.prepare, c.train.batch_size // jax.process_count(),
                                                 c.seed, num_workers=c.data.num_workers)
         self.iterator = self.pipeline.iterator()
         self.sampler = eval_sampler(self.family, self.tokenizer, c)
         return loop.Setup(params, self.family.param_axes(), self.method)
+
+    def fill_feature_cache(self, params: Any, records: Sequence[data.MultimodalRecord]) -> data.FeatureCache:
+        """config.data.feature_cache (a directory) keyed by the encoder's weights and the preprocessing, with
+        every item of this host's records in it: the frozen encoder runs once per item, not once per epoch."""
+        c = self.c
+        adapter = jax.eval_shape(lambda p: registry.init_adapter(self.method, jax.random.key(0), p)[1], params)
+        if jax.tree.leaves(adapter.get("encoder", {})):
+            raise loop.ConfigError("config data.feature_cache needs a frozen encoder, but this stage's PEFT method "
+                                   f"trains parameters under 'encoder/' ({_trained_parts(c.peft)}); "
+                                   "set data.feature_cache='' for it")
+        module, encoder_params = self.base_family.module, params["encoder"]
+        fn = jax.jit(lambda p, x, m: module.apply({"params": {"encoder": p}}, x, m,
+                                                  method=modrwkv.ModRWKV.encoder_features)[0])
+        example = jax.eval_shape(fn, encoder_params, *self._example_item())
+        cache = data.FeatureCache(c.data.feature_cache, data.params_identity(encoder_params),
+                                  self.prepare.preprocessing(), example.shape[1:], example.dtype)
+        encode = lambda kind, x, m: np.asarray(fn(encoder_params, x, m))  # noqa: E731
+        data.fill_feature_cache(records, self.prepare, cache, encode, c.train.micro_batch_size,
+                                progress=lambda line: print(line, flush=True) if jax.process_index() == 0 else None)
+        return cache
+
+    def _example_item(self) -> tuple[Any, Any]:
+        """One item's encoder input and mask (None for images), batched, as the pipeline makes them."""
+        p = self.prepare
+        if p.image is not None:
+            return jax.ShapeDtypeStruct((1, 3, *data.image_shape(p.image)), jnp.float32), None
+        width = ((p.n_mels, audio_lib.whisper_mel_frames(p.whisper_chunk_seconds)) if p.audio == "whisper"
+                 else (p.audio_samples(),))
+        return jax.ShapeDtypeStruct((1, *width), jnp.float32), jax.ShapeDtypeStruct((1, width[-1]), jnp.int32)
 
     # ------------------------------------------------------------------ batches
     def data_state(self) -> Any:
@@ -167,8 +202,9 @@ class ModRWKVTask:
     def nll(self, variables: dict, batch: dict[str, Array]) -> tuple[Array, Array]:
         """(summed NLL of the target tokens, their count) of a batch of rows."""
         module = self.family.module
-        hidden = module.apply(variables, batch["tokens"], batch["inputs"], batch["modality_mask"],
+        hidden = module.apply(variables, batch["tokens"], batch.get("inputs"), batch["modality_mask"],
                               attention_mask=batch.get("attention_mask"), item_mask=batch["item_mask"],
+                              features=batch.get("features"), feature_lengths=batch.get("feature_lengths"),
                               return_hidden=True)[0]
         targets = batch["targets"]
         head = lambda h: module.apply(variables, h, method=modrwkv.ModRWKV.logits_from_hidden)  # noqa: E731
@@ -311,6 +347,8 @@ def train_stages(c: ml_collections.ConfigDict, workdir: str | os.PathLike, mesh:
     init = None
     for stage in c.stages:
         s = stage_config(c, stage, init)
+        if s.data.get("feature_cache", "") and not os.path.isabs(s.data.feature_cache):
+            s.data.feature_cache = str(workdir / s.data.feature_cache)  # one cache for every stage of the run
         model_dir = workdir / stage / "model"
         if (model_dir / modrwkv.CONFIG_FILE).exists():
             print(f"{stage}: done earlier ({model_dir})", flush=True)

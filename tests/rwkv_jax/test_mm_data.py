@@ -7,6 +7,7 @@ standard's frequency table, scipy.ndimage for counting shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -384,6 +385,54 @@ def test_feature_cache_keys_reads_and_writes(tmp_path):
     assert cache.get("image", array) is None
     cache.features("image", [array], encode)
     assert calls == [2, 1]
+
+
+def test_fill_then_prepare_reads_the_cache_and_still_screens_items(tmp_path):
+    """fill_feature_cache encodes each item once (padded batches); prepare then gives the cached features in
+    place of the pixels, rejects a missing file as before, and refuses an item the cache lacks."""
+    for i in range(3):
+        write_png(tmp_path / f"{i}.png", seed=i)
+    records = [data.MultimodalRecord(turns("<image>\nWhat?"), [tmp_path / f"{i}.png"], [], f"r{i}") for i in range(3)]
+    records.append(data.MultimodalRecord(turns("<image>\nWhat?"), [tmp_path / "gone.png"], [], "list.json:4"))
+    records.append(data.MultimodalRecord(turns("<image>\nAgain?"), [tmp_path / "0.png"], [], "r0 again"))
+    calls = []
+
+    def encode(kind, inputs, mask):  # a stand-in encoder: [n, 3, 32, 32] -> [n, 16, 4], row sums
+        calls.append((kind, inputs.shape, mask))
+        return np.broadcast_to(inputs.sum(axis=(1, 2, 3))[:, None, None], (len(inputs), 16, 4)).astype(np.float32)
+
+    config = image_config(tokenizer=_Chars())
+    cache = data.FeatureCache(tmp_path / "cache", "enc", config.preprocessing(), (16, 4))
+    stats = data.fill_feature_cache(records, config, cache, encode, batch_size=2, shard=(0, 1), progress=None)
+    assert (stats.encoded, stats.bad, stats.cached) == (3, 1, 0)
+    assert [c[1] for c in calls] == [(2, 3, 32, 32), (2, 3, 32, 32)] and calls[0][2] is None  # padded to 2 rows
+    assert data.fill_feature_cache(records, config, cache, encode, 2, shard=(0, 1), progress=None).cached == 3
+    with_cache = dataclasses.replace(config, features=cache)
+    example = data.prepare(records[1], with_cache)
+    assert "pixel_values" not in example and example["image_features"].shape == (1, 16, 4)
+    want = data.prepare(records[1], config)["pixel_values"][0].sum()
+    np.testing.assert_allclose(example["image_features"][0, 0, 0], want, rtol=1e-6)
+    np.testing.assert_array_equal(example["modality_mask"], data.prepare(records[1], config)["modality_mask"])
+    with pytest.raises(data.BadRecord, match="gone.png does not exist"):
+        data.prepare(records[3], with_cache)
+    write_png(tmp_path / "new.png", seed=9)
+    fresh = data.MultimodalRecord(turns("<image>\nWhat?"), [tmp_path / "new.png"], [], "new.json:1")
+    with pytest.raises(data.FeatureCacheMiss, match="new.json:1: its image is not in the feature cache"):
+        data.prepare(fresh, with_cache)
+    # bfloat16 features round-trip through their bits
+    import ml_dtypes
+    bf16 = data.FeatureCache(tmp_path / "bf16", "enc", {}, (2, 2), ml_dtypes.bfloat16)
+    value = np.asarray([[1.5, -2.25], [3.0, 1e-3]], ml_dtypes.bfloat16)
+    bf16.put("image", np.zeros(3, np.uint8), value)
+    got = bf16.get("image", np.zeros(3, np.uint8))
+    assert got.dtype == ml_dtypes.bfloat16 and np.array_equal(got.view(np.uint16), value.view(np.uint16))
+
+
+class _Chars:
+    """One id per character."""
+
+    def encode(self, text):
+        return [ord(ch) % 250 + 1 for ch in text]
 
 
 # ------------------------------------------------------------------------------------------- synthetic tasks

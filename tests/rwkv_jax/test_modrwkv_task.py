@@ -183,3 +183,33 @@ def test_stage2_with_full_connector_and_lora_language_model(parts):
     rows, totals, _ = task.next_batch(1, run.frozen, run.state.adapter)
     loss = [run.update(rows, totals)["loss"] for _ in range(3)]
     assert loss[-1] < loss[0]
+
+
+def _three_losses(c):
+    task = modrwkv_task.ModRWKVTask(c)
+    run = loop.build(task, c, mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
+    losses = []
+    for step in range(1, 4):
+        rows, totals, _ = task.next_batch(step, run.frozen, run.state.adapter)
+        losses.append(run.update(rows, totals)["loss"])
+    return rows, losses
+
+
+def test_feature_cache_gives_the_losses_of_the_encoder(parts, tmp_path, capsys):
+    c = modrwkv_task.stage_config(small_config(parts, ("stage2",)), "stage2", None)
+    c.optim.warmup_steps = 0
+    plain_rows, plain = _three_losses(c)
+    c.data.feature_cache = str(tmp_path / "cache")
+    rows, cached = _three_losses(c)
+    assert "inputs" in plain_rows and "features" in rows and "inputs" not in rows
+    assert rows["features"].shape == (8, 1, 16, 16)  # [rows, items, encoder tokens, width]
+    np.testing.assert_allclose(cached, plain, rtol=1e-5, atol=1e-6)
+    assert plain[0] != plain[-1]
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 64  # every training image, once
+    assert "64 encoded" in capsys.readouterr().out
+    _three_losses(c)  # a second run reads the cache: nothing encoded
+    assert "64 items cached before, 0 encoded" in capsys.readouterr().out
+
+    c.peft.hparams.target_modules = ("adapter/*", "encoder/*")  # a trained encoder cannot be cached
+    with pytest.raises(loop.ConfigError, match="frozen encoder"):
+        modrwkv_task.ModRWKVTask(c).setup(mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
