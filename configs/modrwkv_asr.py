@@ -32,11 +32,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                   heldout="synthetic" if tiny else "", synthetic_size=4000, heldout_size=100,
                   seq_len=96 if tiny else 1024, max_audio_seconds=4.0 if tiny else 30.0,
                   feature_cache="features" if tiny else "")  # the frozen encoder runs once per clip
-    c.train.update(batch_size=32 if tiny else 16, micro_batch_size=32 if tiny else 8)
+    c.train.update(batch_size=16, micro_batch_size=16 if tiny else 8)
     c.stage1 = modrwkv.stage(modrwkv.full(modrwkv.CONNECTOR), 3e-3 if tiny else 1e-4, 150 if tiny else 2000,
-                             32 if tiny else 16, 10 if tiny else 100)
+                             16, 10 if tiny else 100)
     c.stage2 = modrwkv.stage(modrwkv.full(modrwkv.CONNECTOR + ("llm/*",)), 3e-3 if tiny else 1e-4,
-                             900 if tiny else 8000, 32 if tiny else 16, 10 if tiny else 100)
+                             1200 if tiny else 8000, 16, 10 if tiny else 100)
     c.stage2.optim.end_learning_rate = 0.0 if tiny else 5e-5
     c.eval.update(metric="asr", examples=100 if tiny else 512, batch_size=50 if tiny else 16,
                   max_new_tokens=16 if tiny else 128)
