@@ -1055,3 +1055,66 @@ def write_dtmf_manifest(directory: str | os.PathLike, count: int, seed: int, **k
     manifest = directory / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+# DTMF frame labels: what a Whisper-style encoder is pretrained to hear (launch/make_tiny_asr.py)
+
+SILENCE = 10  # class of a position with no tone; digits are their own classes 0-9
+DTMF_CLASSES = 11
+FRAME_SAMPLES = 2 * audio_lib.WHISPER_HOP  # samples per Whisper encoder position (20 ms)
+
+
+def dtmf_frame_labels(digits: str, spans: Sequence[tuple[int, int]], samples: int, positions: int,
+                      chunk_seconds: int, edge: float = 0.6) -> np.ndarray:
+    """Labels [positions] int32 of one clip of `samples` samples whose tones (`dtmf_signal`'s spans) spell
+    `digits`. Encoder position j covers the 20 ms around sample 320 j (its mel frames are centred there): the
+    digit whose tone covers at least `edge` of it, SILENCE when tones cover at most 1 - `edge`, else -1 (no
+    label). Positions past what ModRWKV keeps (mask.sum() // 2 + 1) get -1."""
+    if len(digits) != len(spans):
+        raise ValueError(f"dtmf_frame_labels: {len(digits)} digits but {len(spans)} spans")
+    centres = np.arange(positions) * FRAME_SAMPLES
+    low, high = centres - FRAME_SAMPLES // 2, centres + FRAME_SAMPLES // 2
+    cover = np.zeros((positions, len(spans)))
+    for i, (start, end) in enumerate(spans):
+        cover[:, i] = np.clip(np.minimum(high, end) - np.maximum(low, start), 0, None) / FRAME_SAMPLES
+    labels = np.full(positions, -1, np.int32)
+    labels[cover.sum(axis=1) <= 1 - edge] = SILENCE
+    if spans:
+        best = np.argmax(cover, axis=1)
+        tone = cover[np.arange(positions), best] >= edge
+        labels[tone] = np.asarray([int(d) for d in digits], np.int32)[best[tone]]
+    labels[whisper_frames(samples, chunk_seconds):] = -1
+    return labels
+
+
+def dtmf_rows(rng: np.random.Generator, count: int, chunk_seconds: int, n_mels: int = 80, min_digits: int = 1,
+              max_digits: int = 8) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+    """`count` DTMF clips of min_digits-max_digits random digits as Whisper encoder inputs
+    {'input_features' [count, n_mels, 100 * chunk_seconds] (log-mel), 'attention_mask' [count, frames]}, their
+    per-position labels [count, 50 * chunk_seconds] (`dtmf_frame_labels`, -1: none) and digit strings."""
+    if not 1 <= min_digits <= max_digits:
+        raise ValueError(f"dtmf_rows: need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
+    positions = audio_lib.whisper_mel_frames(chunk_seconds) // 2
+    waves, labels, strings = [], [], []
+    for _ in range(count):
+        digits = "".join(str(d) for d in rng.integers(0, 10, rng.integers(min_digits, max_digits + 1)))
+        wave, spans = dtmf_signal(digits, rng)
+        if wave.size > chunk_seconds * SAMPLING_RATE:
+            raise ValueError(f"dtmf_rows: a {len(digits)}-digit clip lasts {wave.size / SAMPLING_RATE:.2f} s, "
+                             f"longer than the {chunk_seconds} s window; lower max_digits")
+        waves.append(wave)
+        labels.append(dtmf_frame_labels(digits, spans, wave.size, positions, chunk_seconds))
+        strings.append(digits)
+    features, mask = audio_lib.whisper_features(waves, n_mels, chunk_seconds=chunk_seconds)
+    return {"input_features": features, "attention_mask": mask}, np.stack(labels), strings
+
+
+def collapse_frames(predictions: np.ndarray, length: int) -> str:
+    """The digit string of per-position predictions [positions] (classes 0-9 and SILENCE) over the first
+    `length` positions: runs of one digit, split by silence or by a change of digit, give one digit each."""
+    out, previous = [], SILENCE
+    for label in np.asarray(predictions)[:length]:
+        if label != SILENCE and label != previous:
+            out.append(str(int(label)))
+        previous = label
+    return "".join(out)

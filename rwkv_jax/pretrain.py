@@ -1,22 +1,26 @@
-"""Attribute pretraining of a modality encoder on the one training core: the encoder plus linear
-classification heads that read labelled attributes off its features (a `loop.Task`).
+"""Pretraining of a modality encoder on the one training core: the encoder plus linear classification heads
+that read labelled attributes off its features (`AttributeTask`, a `loop.Task`).
 
 It stands in for the real pretraining of an encoder in the tiny embedded defaults (an encoder that
 "stands for a pretrained one"): what a head can read from the features, the connector and language
 model trained after it can read too. Generic over the encoder: any linen module called with the named
 input arrays of a batch, returning features [B, N, D] or (features, valid lengths [B]) as the audio
-towers do.
+towers do. The SigLIP tower of assets/tiny-modrwkv learns shapes' attributes from a fixed image set
+(launch/make_tiny_modrwkv.py); the Whisper encoder of assets/tiny-asr learns which DTMF digit sounds at
+each 20 ms position from clips drawn afresh every step (launch/make_tiny_asr.py).
 
 Heads read either the mean of the valid features (`pooling='mean'`) or every position on its own
 (`'tokens'`: each position must carry the attribute, so any one of them tells it). Labels are integers
 per example ([examples], -1: this example has no label for the head) or, with 'tokens', per position
 ([examples, N], -1 where unlabelled; the caller leaves positions past an item's valid length unlabelled).
+Training examples are a fixed `AttributeData` read in shuffled epochs, or a function of the step that
+draws each step's examples.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -61,6 +65,9 @@ class AttributeData:
         rows = {f"input/{k}": v[index] for k, v in self.inputs.items()}
         rows.update({f"label/{k}": (v[index] + 1).astype(np.int32) for k, v in self.labels.items()})
         return rows
+
+
+Sampler = Callable[[int], AttributeData]  # step -> that step's examples (exactly batch_size of them)
 
 
 class Heads(nn.Module):
@@ -152,9 +159,11 @@ def config(**overrides: Any) -> ml_collections.ConfigDict:
 class AttributeTask:
     """Trains an encoder and its attribute heads (any PEFT method; the embedded defaults use 'full').
 
-    `heads`: {name: classes}; `input_names`: the `train.inputs` arrays the encoder takes, in order.
-    Each epoch is a shuffle seeded by (seed, epoch); the data position is (epoch, row). The evaluation is
-    the mean over heads of the held-out accuracy (`accuracies` gives each head's)."""
+    `heads`: {name: classes}; `input_names`: the inputs the encoder takes, in order. `train` is either an
+    `AttributeData` read in epochs, each a shuffle seeded by (seed, epoch), the data position (epoch, row);
+    or a function `step -> AttributeData` of exactly `batch_size` fresh examples, the data position the
+    step (a resumed run draws the same examples). The evaluation is the mean over heads of the held-out
+    accuracy (`accuracies` gives each head's)."""
 
     name = "attributes"
     eval_metric = "heldout_accuracy"
@@ -162,7 +171,7 @@ class AttributeTask:
     updates_per_batch = 1
 
     def __init__(self, c: ml_collections.ConfigDict, encoder: nn.Module, encoder_params: Any,
-                 heads: Mapping[str, int], input_names: Sequence[str], train: AttributeData,
+                 heads: Mapping[str, int], input_names: Sequence[str], train: AttributeData | Sampler,
                  heldout: AttributeData | None = None):
         p = c.pretrain
         if p.pooling not in POOLING:
@@ -170,36 +179,46 @@ class AttributeTask:
         if p.batch_size < 1 or p.micro_batch_size < 1 or p.batch_size % jax.process_count():
             raise loop.ConfigError(f"config pretrain.batch_size ({p.batch_size}) and micro_batch_size must be >= 1, "
                                    f"the batch divisible over {jax.process_count()} hosts")
-        for data, role in ((train, "train"), (heldout, "heldout")):
-            if data is None:
-                continue
-            if set(data.labels) != set(heads) or not set(input_names) <= set(data.inputs):
-                raise ValueError(f"AttributeTask: {role} data has labels {sorted(data.labels)} and inputs "
-                                 f"{sorted(data.inputs)}; the heads are {sorted(heads)}, the encoder takes "
-                                 f"{list(input_names)}")
-            for name, y in data.labels.items():
-                if y.max() >= heads[name]:
-                    raise ValueError(f"AttributeTask: {role} labels of {name!r} reach {y.max()}, the head has "
-                                     f"{heads[name]} classes")
-                if y.ndim == 2 and p.pooling != "tokens":
-                    raise loop.ConfigError(f"AttributeTask: per-position labels ({name!r}) need pooling 'tokens'")
+        if not isinstance(train, AttributeData) and not callable(train):
+            raise TypeError(f"AttributeTask: train must be an AttributeData or a function step -> AttributeData, "
+                            f"got {type(train).__name__}")
         self.c = c
         self.micro_batch_size = p.micro_batch_size
         self.data_files: dict[str, str] = {}
         self.encoder, self.encoder_params = encoder, encoder_params
         self.heads = tuple((name, int(k)) for name, k in heads.items())
         self.input_names = tuple(input_names)
+        self.sampled = not isinstance(train, AttributeData)
+        for data, role in ((train, "train"), (heldout, "heldout")):
+            if isinstance(data, AttributeData):
+                self.check(data, role)
         self.train, self.heldout = train, heldout
-        self.position = {"epoch": 0, "row": 0}
+        self.position = {"step": 0} if self.sampled else {"epoch": 0, "row": 0}
         self._order: dict[int, np.ndarray] = {}
         self._eval_fn = None
+
+    def check(self, data: AttributeData, role: str) -> None:
+        """Raises, naming `role`, unless `data` has a label array for every head within its classes and
+        every input the encoder takes."""
+        heads = dict(self.heads)
+        if set(data.labels) != set(heads) or not set(self.input_names) <= set(data.inputs):
+            raise ValueError(f"AttributeTask: {role} data has labels {sorted(data.labels)} and inputs "
+                             f"{sorted(data.inputs)}; the heads are {sorted(heads)}, the encoder takes "
+                             f"{list(self.input_names)}")
+        for name, y in data.labels.items():
+            if y.max() >= heads[name]:
+                raise ValueError(f"AttributeTask: {role} labels of {name!r} reach {y.max()}, the head has "
+                                 f"{heads[name]} classes")
+            if y.ndim == 2 and self.c.pretrain.pooling != "tokens":
+                raise loop.ConfigError(f"AttributeTask: per-position labels ({name!r}) need pooling 'tokens'")
 
     def model(self, peft: PeftMethod | None = None) -> AttributeModel:
         return AttributeModel(self.encoder.clone(peft=peft), self.heads, self.input_names, self.c.pretrain.pooling,
                               peft=peft)
 
     def setup(self, mesh: jax.sharding.Mesh) -> loop.Setup:
-        example = {f"input/{k}": v[:1] for k, v in self.train.inputs.items()}
+        shapes = self.train if not self.sampled else self.heldout if self.heldout is not None else self.train(1)
+        example = {f"input/{k}": v[:1] for k, v in shapes.inputs.items()}
         key = jax.random.fold_in(jax.random.key(self.c.seed), loop.ADAPTER + 100)  # the heads' init
         bare = self.model()
         init = lambda k: bare.init(k, _inputs(example))["params"]  # noqa: E731
@@ -224,12 +243,27 @@ class AttributeTask:
         return dict(self.position)
 
     def restore_data_state(self, state: Any) -> None:
-        self.position = {"epoch": int(state["epoch"]), "row": int(state["row"])}
+        self.position = {key: int(state[key]) for key in (("step",) if self.sampled else ("epoch", "row"))}
 
     def next_batch(self, step: int, frozen: Any, adapter: Any
                    ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, float]]:
-        """The next `batch_size` examples (this host's share), continuing into the next epoch."""
-        del step, frozen, adapter
+        """This host's share of the step's `batch_size` examples (the next ones of the epoch, continuing into
+        the next, or those `train(step)` draws) and the labelled items of the whole batch."""
+        del frozen, adapter
+        if self.sampled:
+            data, index = self._drawn(step), np.arange(self.c.pretrain.batch_size)
+            metrics = {}
+        else:
+            data, index = self.train, self._next_rows()
+            metrics = {"epoch": self.position["epoch"] + self.position["row"] / len(self.train)}
+        share = len(index) // jax.process_count()
+        rows = data.rows(index[jax.process_index() * share:(jax.process_index() + 1) * share])
+        items = sum(float((rows[f"label/{name}"] > 0).sum()) for name, _ in self.heads)  # labelled items
+        totals = {"labels": float(mesh_lib.gather_hosts(items).sum())}
+        return rows, totals, metrics
+
+    def _next_rows(self) -> np.ndarray:
+        """The indices of the next `batch_size` examples of the shuffled epochs; advances the position."""
         take: list[np.ndarray] = []
         need = self.c.pretrain.batch_size
         while need:
@@ -239,12 +273,19 @@ class AttributeTask:
             self.position["row"] = at + len(take[-1])
             if self.position["row"] >= len(order):
                 self.position = {"epoch": self.position["epoch"] + 1, "row": 0}
-        index = np.concatenate(take)
-        share = len(index) // jax.process_count()
-        rows = self.train.rows(index[jax.process_index() * share:(jax.process_index() + 1) * share])
-        items = sum(float((rows[f"label/{name}"] > 0).sum()) for name, _ in self.heads)  # labelled items
-        totals = {"labels": float(mesh_lib.gather_hosts(items).sum())}
-        return rows, totals, {"epoch": self.position["epoch"] + self.position["row"] / len(self.train)}
+        return np.concatenate(take)
+
+    def _drawn(self, step: int) -> AttributeData:
+        """The examples `train(step)` draws, checked; the position becomes `step`."""
+        data = self.train(step)
+        if not isinstance(data, AttributeData):
+            raise TypeError(f"AttributeTask: train({step}) returned {type(data).__name__}, not AttributeData")
+        self.check(data, f"train({step})")
+        if len(data) != self.c.pretrain.batch_size:
+            raise ValueError(f"AttributeTask: train({step}) drew {len(data)} examples, config pretrain.batch_size "
+                             f"is {self.c.pretrain.batch_size}")
+        self.position = {"step": step}
+        return data
 
     # ------------------------------------------------------------------ the loss
     def _sums(self, frozen: Any, adapter: Any, batch: Mapping[str, Array]) -> dict[str, tuple[Array, Array, Array]]:
@@ -297,6 +338,11 @@ def _inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k.removeprefix("input/"): v for k, v in batch.items() if k.startswith("input/")}
 
 
+def trained_params(run: loop.Run) -> Any:
+    """The model's parameters {'encoder', 'heads'} after a run (the PEFT method's adapter merged into them)."""
+    return registry.merge(run.method, run.frozen["base"], run.state.adapter)
+
+
 def trained_encoder(run: loop.Run) -> Any:
     """The encoder's parameters after a run (the PEFT method's adapter merged into them)."""
-    return registry.merge(run.method, run.frozen["base"], run.state.adapter)["encoder"]
+    return trained_params(run)["encoder"]

@@ -6,7 +6,7 @@ the valid length per row is what ModRWKV keeps of the window (30 s, or the check
 checkpoint-reading helpers the audio encoders share (convolutions are `layers.Conv1D`, a `Linear` over
 unfolded windows, so PEFT methods reach them).
 `save_hf` writes an encoder as a Whisper checkpoint directory that transformers and `load_whisper` read
-(the tiny embedded encoder ships that way).
+(the tiny embedded encoder ships that way); `init_for_training` starts a new one to pretrain.
 """
 
 from __future__ import annotations
@@ -236,6 +236,21 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
     inv_timescales = np.exp(-increment * np.arange(channels // 2, dtype=np.float32))
     scaled = np.arange(length, dtype=np.float32)[:, None] * inv_timescales[None, :].astype(np.float32)
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
+
+
+def init_for_training(cfg: WhisperEncoderConfig, seed: int) -> dict:
+    """A new Whisper encoder's params to train from scratch: the module's initialisers (key `seed`), except
+    variance-preserving convolutions (std 1/sqrt(fan_in), so the mel features are not drowned by the
+    positions at the start) and Whisper's sinusoidal positions."""
+    example = jnp.zeros((1, cfg.num_mel_bins, 2 * cfg.max_source_positions), jnp.dtype(cfg.param_dtype))
+    params = nn.unbox(WhisperEncoder(cfg).init(jax.random.key(seed), example)["params"])
+    for index, name in enumerate(("conv1", "conv2")):
+        kernel = params[name]["kernel"]  # [3 * in, out]
+        params[name]["kernel"] = (jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1 + index), kernel.shape)
+                                  / np.sqrt(kernel.shape[0])).astype(kernel.dtype)
+    params["embed_positions"] = jnp.asarray(sinusoids(cfg.max_source_positions, cfg.d_model),
+                                            jnp.dtype(cfg.param_dtype))
+    return jax.device_get(params)
 
 
 def _tensor_source(prefix: str) -> Callable[[tuple[str, ...]], tuple[str, Callable]]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import (Wav2Vec2FeatureExtractor, WavLMConfig, WavLMForCTC, WavLMModel, WhisperConfig,
                           WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperModel)
+from transformers.models.whisper.modeling_whisper import sinusoids as torch_sinusoids
 
 from jaxrl_peft.models.safetensors_io import CheckpointError, SafetensorsFile, save_safetensors
 from jaxrl_peft.peft import registry
@@ -143,6 +144,25 @@ def test_whisper_encoder_on_30s_features_matches_transformers(tmp_path):
     out, lengths = jax.jit(encoder.apply)({"params": params}, jnp.asarray(features), jnp.asarray(mask))
     assert np.abs(np.asarray(out) - ref).max() <= TOL
     assert list(lengths) == [51, 15]  # ceil(16000 / 160) // 2 + 1, ceil(4321 / 160) // 2 + 1
+
+
+def test_sinusoids_match_transformers():
+    np.testing.assert_allclose(whisper.sinusoids(200, 64), torch_sinusoids(200, 64).numpy(), atol=1e-5)
+
+
+def test_init_for_training_scales_the_convolutions_and_starts_from_sinusoids():
+    cfg = whisper.WhisperEncoderConfig(num_mel_bins=80, d_model=64, encoder_layers=1, encoder_attention_heads=2,
+                                       encoder_ffn_dim=32, max_source_positions=100)
+    params = whisper.init_for_training(cfg, 0)
+    np.testing.assert_array_equal(params["embed_positions"], whisper.sinusoids(100, 64))
+    for name, fan_in in (("conv1", 3 * 80), ("conv2", 3 * 64)):
+        assert params[name]["kernel"].shape == (fan_in, 64)
+        assert abs(np.std(params[name]["kernel"]) * np.sqrt(fan_in) - 1) < 0.05
+    again = whisper.init_for_training(cfg, 0)
+    jax.tree.map(np.testing.assert_array_equal, params, again)  # one seed, one init
+    assert np.abs(whisper.init_for_training(cfg, 1)["conv1"]["kernel"] - params["conv1"]["kernel"]).max() > 0.1
+    _, lengths = whisper.WhisperEncoder(cfg).apply({"params": params}, jnp.zeros((1, 80, 200)))
+    assert int(lengths[0]) == 100
 
 
 def test_whisper_loader_names_bad_tensors(tmp_path):
