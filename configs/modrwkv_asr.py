@@ -12,7 +12,10 @@ Whisper, as the reference runs it), Adam 0.9/0.99, eps 1e-8, clip 1.0, bf16; hel
 
 `:tiny` runs both stages on synthetic DTMF digit strings (tone pairs with noise and varied timing)
 through the embedded tiny Whisper-style encoder (assets/tiny-asr, 4-second window) and the embedded
-tiny RWKV-7 (assets/tiny-modrwkv/rwkv7); its last line is `heldout_wer before=<x> after=<y>`.
+tiny RWKV-7 (assets/tiny-modrwkv/rwkv7); its last line is `heldout_wer before=<x> after=<y>`. The frozen
+encoder's features are cached in WORKDIR/features (encoded once, read by both stages). Stage 2 learns the
+digits' identity and then their order with plateaus whose length varies with the data order: held-out WER
+0.102 / 0.430 / 0.020 for config.seed 0 / 1 / 2 (the stuck run confuses digits of one keypad row).
 """
 
 import ml_collections
@@ -35,8 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.train.update(batch_size=16, micro_batch_size=16 if tiny else 8)
     c.stage1 = modrwkv.stage(modrwkv.full(modrwkv.CONNECTOR), 3e-3 if tiny else 1e-4, 150 if tiny else 2000,
                              16, 10 if tiny else 100)
-    c.stage2 = modrwkv.stage(modrwkv.full(modrwkv.CONNECTOR + ("llm/*",)), 3e-3 if tiny else 1e-4,
-                             1200 if tiny else 8000, 16, 10 if tiny else 100)
+    c.stage2 = modrwkv.stage(modrwkv.full(modrwkv.CONNECTOR + ("llm/*",)), 2e-3 if tiny else 1e-4,
+                             1800 if tiny else 8000, 16, 10 if tiny else 100)
     c.stage2.optim.end_learning_rate = 0.0 if tiny else 5e-5
     c.eval.update(metric="asr", examples=100 if tiny else 512, batch_size=50 if tiny else 16,
                   max_new_tokens=16 if tiny else 128)
