@@ -94,7 +94,7 @@ def test_cached_whisper_features_give_the_losses_of_the_encoder(tmp_path):
 
     _asset()
     c = modrwkv_task.stage_config(modrwkv_asr.get_config("tiny"), "stage2", None)
-    c.data.update(synthetic_size=16, heldout_size=4)
+    c.data.update(synthetic_size=16, heldout_size=4, feature_cache="")  # the config caches by default
     c.train.update(batch_size=8, micro_batch_size=4)
     c.optim.warmup_steps = 0
     c.eval.update(examples=4, batch_size=4, max_new_tokens=4)
