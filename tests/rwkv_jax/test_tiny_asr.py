@@ -88,9 +88,8 @@ def test_cached_whisper_features_give_the_losses_of_the_encoder(tmp_path):
     """configs/modrwkv_asr.py:tiny's stage 2 on the shipped assets: three updates from cached encoder features
     (cropped to each clip's frames by the model) equal three from the mel features through the encoder."""
     from configs import modrwkv_asr
-    from jaxrl_peft.infra import mesh as mesh_lib
-    from jaxrl_peft.train import loop
     from rwkv_jax import modrwkv_task
+    from test_modrwkv_task import _three_losses  # one stage-2 run of three updates (same test folder)
 
     _asset()
     c = modrwkv_task.stage_config(modrwkv_asr.get_config("tiny"), "stage2", None)
@@ -99,18 +98,9 @@ def test_cached_whisper_features_give_the_losses_of_the_encoder(tmp_path):
     c.optim.warmup_steps = 0
     c.eval.update(examples=4, batch_size=4, max_new_tokens=4)
 
-    def losses():
-        task = modrwkv_task.ModRWKVTask(c)
-        run = loop.build(task, c, mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
-        out = []
-        for step in range(1, 4):
-            rows, totals, _ = task.next_batch(step, run.frozen, run.state.adapter)
-            out.append(run.update(rows, totals)["loss"])
-        return rows, out
-
-    plain_rows, plain = losses()
+    plain_rows, plain = _three_losses(c)
     c.data.feature_cache = str(tmp_path / "cache")
-    rows, cached = losses()
+    rows, cached = _three_losses(c)
     assert "attention_mask" in plain_rows and "features" in rows
     assert rows["features"].shape == (8, 1, 200, 64)  # the 4 s window's 200 positions, uncropped
     np.testing.assert_array_equal(rows["feature_lengths"][:, 0], plain_rows["attention_mask"][:, 0].sum(-1) // 2 + 1)
