@@ -784,7 +784,7 @@ class FeatureCache:
                                  f"{len(missing)} items")
             for i, features in zip(missing, encoded):
                 self.put(kind, items[i], features)
-                found[i] = self.get(kind, items[i])
+                found[i] = np.asarray(features).astype(self.dtype, copy=False)
         return found
 
 
